@@ -1,0 +1,100 @@
+"""Checkpoints (DeepSpeed's, plus per-rank RNG) and the consolidated export the next stage starts from.
+
+Layout under <out_dir>/checkpoints: one folder per tag (`step_00000120`) and a `latest` file naming the
+newest complete one. `latest` is written last, atomically, after every rank has finished its part, so a run
+killed mid-save leaves the previous checkpoint as the one to resume from.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from train import distributed
+
+LATEST = "latest"
+
+
+def tag_for(global_step: int) -> str:
+    return f"step_{global_step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int) -> Path:
+    """Collective: every rank calls it."""
+    tag = tag_for(global_step)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        _write_atomic(checkpoint_dir / LATEST, tag)
+        tags = sorted(p.name for p in checkpoint_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    distributed.barrier()
+    return checkpoint_dir / tag
+
+
+def latest_tag(checkpoint_dir: Path) -> Optional[str]:
+    path = checkpoint_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def load(engine, checkpoint_dir: Path) -> tuple[str, dict]:
+    """Collective. Returns (tag, client_state) of the latest checkpoint; restores this rank's RNG."""
+    tag = latest_tag(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"--from_resume: no checkpoint to resume in {checkpoint_dir} (no '{LATEST}' file); "
+                                f"run without --from_resume to start fresh")
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"--from_resume: DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
+    rng_file = checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return tag, client_state
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> Optional[dict]:
+    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3, where each rank holds a shard."""
+    module = engine.module
+    if zero_stage < 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if distributed.is_main() else None
+    import deepspeed
+
+    state = {}
+    for name, param in module.named_parameters():
+        # One parameter at a time keeps the gathered size bounded by the largest tensor.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if distributed.is_main():
+                state[name] = param.detach().cpu().clone()
+    return state if distributed.is_main() else None

@@ -1,0 +1,211 @@
+"""One typed configuration for every stage, with a YAML stage file and command-line overrides.
+
+Precedence, lowest first: dataclass defaults < the stage script's defaults < `--config` YAML < flags.
+Flags are generated from the dataclass fields, so a new option is one field with its help text.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the option and the valid choices."""
+
+
+@dataclass
+class TrainConfig:
+    # What to train
+    stage: str = field(default="pretrain", metadata={"help": "stage name; set by the stage script"})
+    model: str = field(default="tiny", metadata={"help": "model preset (tiny, small, base, moe, tiny-moe) or a directory with config.json"})
+    data_config: str = field(default="", metadata={"help": "data mixture YAML, e.g. config/data/posttrain/sft/general.yaml"})
+    tokenizer: str = field(default="model/tokenizer", metadata={"help": "tokenizer directory (tokenizer.json + tokenizer_config.json)"})
+    from_weight: str = field(default="none", metadata={"help": "none | a stage name (its exported weights under out_root) | a directory"})
+    from_resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in out_dir"})
+    use_prepared: bool = field(default=False, metadata={"help": "require the prepared token store to exist and be fresh"})
+    max_seq_len: Optional[int] = field(default=None, metadata={"help": "override the data config's max_seq_len"})
+    packing: str = field(default="auto", metadata={"help": "auto | packed | padded (auto: packed for pretrain/midtrain, padded otherwise)"})
+
+    # Optimization
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per device (rows)"})
+    accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of optimizer steps spent in linear warm-up"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices (not norms/biases)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 disables)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, fp32 on CPU)"})
+    seed: int = field(default=42, metadata={"help": "seed for init, data order and sampling"})
+
+    # Parallelism
+    deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed config (ZeRO/offload choices; batch fields are filled from these flags)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+    # Logging, evaluation, checkpoints
+    out_root: str = field(default="out", metadata={"help": "root of every stage's out_dir; --from_weight <stage> looks here"})
+    out_dir: str = field(default="", metadata={"help": "this run's directory (default: <out_root>/<stage>)"})
+    log_interval: int = field(default=10, metadata={"help": "optimizer steps between metric lines"})
+    eval_interval: int = field(default=100, metadata={"help": "optimizer steps between evaluations (0: only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0: the whole split)"})
+    save_interval: int = field(default=200, metadata={"help": "optimizer steps between checkpoints (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in out_dir/checkpoints"})
+    throughput_warmup_steps: int = field(default=2, metadata={"help": "first optimizer steps left out of the rate windows"})
+    peak_tflops: Optional[float] = field(default=None, metadata={"help": "per-device peak TFLOP/s for MFU (overrides the device table)"})
+    metrics: bool = field(default=True, metadata={"help": "collect and log metrics (off only for overhead benchmarks)"})
+    use_wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (offline when no API key is configured)"})
+    wandb_project: str = field(default="zerostage", metadata={"help": "W&B project"})
+    wandb_run_name: str = field(default="", metadata={"help": "W&B run name (default: stage-zeroN-wsW)"})
+
+    def __post_init__(self):
+        if not self.out_dir:
+            self.out_dir = str(Path(self.out_root) / self.stage)
+
+    def validate(self) -> None:
+        def require(ok: bool, option: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"--{option}: {message}")
+
+        require(bool(self.data_config), "data_config", "is required (a data mixture YAML under config/data/)")
+        require(self.packing in ("auto", "packed", "padded"), "packing", f"{self.packing!r} is not one of auto, packed, padded")
+        require(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", f"{self.dtype!r} is not one of auto, fp32, bf16, fp16")
+        for name in ("epochs", "batch_size", "accumulation_steps", "log_interval"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "eval_batches", "save_interval", "throughput_warmup_steps", "grad_clip", "weight_decay"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
+
+    def resolve_path(self, path: str) -> Path:
+        """Relative paths are taken from the repository root, so runs work from any directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """(base type, optional?) of each dataclass field."""
+    result = {}
+    for name, hint in get_type_hints(cls).items():
+        optional = get_origin(hint) is not None and type(None) in get_args(hint)
+        base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+        result[name] = (base, optional)
+    return result
+
+
+def _coerce(cls, name: str, value: Any, source: str):
+    base, optional = _field_types(cls)[name]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: option '{name}' cannot be null")
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not an integer")
+        return base(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"{source}: option '{name}' expects {base.__name__}, got {value!r} ({error})") from None
+
+
+def unknown_key_message(key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{where}: unknown option '{key}'{hint}. Valid options: {', '.join(sorted(valid))}"
+
+
+def load_yaml_overrides(path: Path, cls=TrainConfig) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config: stage config {path} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
+    valid = [f.name for f in fields(cls)]
+    overrides = {}
+    for key, value in content.items():
+        if key not in valid:
+            raise ConfigError(unknown_key_message(str(key), valid, str(path)))
+        overrides[key] = _coerce(cls, key, value, str(path))
+    return overrides
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # name the close valid option, not only argparse's usage dump
+        if "unrecognized arguments" in message:
+            valid = [a.option_strings[0] for a in self._actions if a.option_strings]
+            for token in message.split(":", 1)[1].split():
+                if token.startswith("--"):
+                    close = difflib.get_close_matches(token.split("=")[0], valid, n=1)
+                    if close:
+                        message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
+def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     allow_abbrev=False)  # a prefix silently matching another option hides typos
+    parser.add_argument("--config", type=str, default=None, help="stage YAML whose keys are the options below")
+    types = _field_types(cls)
+    for f in fields(cls):
+        base, optional = types[f.name]
+        kind = _parse_bool if base is bool else base
+        kwargs = dict(type=_optional(kind) if optional else kind, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        if base is bool:
+            kwargs.update(nargs="?", const=True)  # both `--use_wandb` and `--use_wandb 1`
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_config(stage_defaults: dict, argv: Optional[list[str]] = None, cls=TrainConfig, description: str = ""):
+    """Build the config of a stage script from its defaults, an optional YAML and the command line."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    values = dict(stage_defaults)
+    yaml_path = args.pop("config", None)
+    if yaml_path:
+        values.update(load_yaml_overrides(Path(yaml_path), cls))
+    values.update(args)
+    if "out_dir" not in values:
+        values["out_dir"] = ""
+    config = cls(**values)
+    if config.local_rank < 0 and "LOCAL_RANK" in os.environ:
+        config.local_rank = int(os.environ["LOCAL_RANK"])
+    config.validate()
+    return config

@@ -1,0 +1,85 @@
+"""Process-group set-up for one process (`python train/sft.py`) or many (deepspeed launcher, torchrun)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_world_size() -> int:
+    """Ranks on this node: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        if key in os.environ:
+            return max(1, int(os.environ[key]))
+    return 1
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed() -> None:
+    """Join (or create) the process group DeepSpeed will use.
+
+    Without a launcher there is no RANK/WORLD_SIZE and DeepSpeed would try MPI discovery (and fail without
+    mpi4py), so a lone process declares itself rank 0 of 1.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if device_type() == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Ranks sharing a CPU would oversubscribe its cores with torch's default of one thread per core.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+    import deepspeed  # after DS_ACCELERATOR is set: the accelerator is chosen at import
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
+    if device_type() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if device_type() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def synchronize() -> None:
+    """Wait for queued device work, so a clock read after it measures finished work."""
+    if device_type() == "cuda":
+        torch.cuda.synchronize()
+
+
+def broadcast_object(value):
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

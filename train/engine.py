@@ -1,0 +1,138 @@
+"""DeepSpeed engine set-up: the ZeRO config filled from the run's flags, AdamW with decay groups, the LR schedule.
+
+`ds_configs/*.json` hold only ZeRO/offload choices; batch sizes, clipping and precision come from the run
+config so they cannot disagree with what the loop does.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from train.config import ConfigError, TrainConfig
+
+_AUTO = "auto"
+
+
+def resolve_dtype(requested: str) -> str:
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise ConfigError(f"--dtype {requested}: only fp32 trains on CPU here (DeepSpeed's CPU path has no "
+                              f"mixed-precision optimizer); valid choices on this machine: auto, fp32")
+        return requested
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def load_ds_config(path: Path) -> dict:
+    if not path.is_file():
+        choices = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise ConfigError(f"--deepspeed: {path} does not exist" + (f"; choices: {', '.join(choices)}" if choices else ""))
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ConfigError(f"--deepspeed: {path} is not valid JSON: {error}") from None
+
+
+def _fill(config: dict, key: str, value, source: str, option: str) -> None:
+    """Set an "auto" (or absent) value; an explicit one must agree with the run's flags."""
+    current = config.get(key, _AUTO)
+    if current == _AUTO:
+        config[key] = value
+    elif current != value:
+        raise ConfigError(f"{source}: '{key}' is {current} but {option} gives {value}; set it to \"auto\" "
+                          f"or make them agree")
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
+    path = cfg.resolve_path(cfg.deepspeed)
+    ds = copy.deepcopy(load_ds_config(path))
+    src = str(path)
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.batch_size, src, "--batch_size")
+    _fill(ds, "gradient_accumulation_steps", cfg.accumulation_steps, src, "--accumulation_steps")
+    global_batch = cfg.batch_size * cfg.accumulation_steps * world_size
+    _fill(ds, "train_batch_size", global_batch, src,
+          f"--batch_size {cfg.batch_size} × --accumulation_steps {cfg.accumulation_steps} × world size {world_size}")
+    # Always explicit: DeepSpeed's own default changed from 0 to 1.0 in v0.19.4.
+    _fill(ds, "gradient_clipping", cfg.grad_clip, src, "--grad_clip")
+    for key, enabled in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        section = ds.setdefault(key, {})
+        _fill(section, "enabled", enabled, src, f"--dtype {dtype}")
+    ds.setdefault("steps_per_print", 10**12)  # our own metric lines replace DeepSpeed's
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if "offload_param" in zero and stage != 3:
+        raise ConfigError(f"{src}: offload_param needs ZeRO stage 3 (this config is stage {stage})")
+    if "offload_optimizer" in zero and stage == 0:
+        raise ConfigError(f"{src}: offload_optimizer needs ZeRO stage 1, 2 or 3")
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms and biases (1-D) are left alone, as in GPT-2/nanoGPT."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, adamw_mode=True)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused, foreach=not fused)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Multiplier of the peak LR for the update with index `step` (0-based): linear warm-up, cosine to a floor."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return multiplier
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg, ds_config)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def deepspeed_reports_grad_norm(engine) -> bool:
+    """ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not."""
+    return hasattr(engine.optimizer, "_global_grad_norm")
+
+
+def full_gradient_norm(engine) -> Optional[torch.Tensor]:
+    """The global norm of the full gradients, for the case DeepSpeed does not report it (ZeRO-0: every rank
+    holds the whole all-reduced gradient at the boundary, before the step clips it)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)

@@ -1,0 +1,229 @@
+"""The one owner of metrics: accumulation, cross-rank reduction, rates, MFU, ETA and memory.
+
+Costs nothing per micro-step beyond adding tensors: losses and stage sums stay on the device, token and
+FLOP counts are host integers made from the CPU batch before it moves. Once per log step, one all-gather of
+one packed vector and one copy to the host; the clock is read after a device synchronize at both ends of
+each rate window. Definitions of every key are in docs/metrics.md.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from train import distributed
+
+
+@dataclass
+class BatchStats:
+    """Counts of one micro-batch, made on the host from the batch itself."""
+    input_tokens: int  # non-padding tokens fed to the trained model(s)
+    supervised_tokens: int  # tokens with a loss target
+    samples: int  # sequences (or pairs, or prompts) of the micro-batch
+    model_flops: float  # model FLOPs of the whole micro-batch step (forward + backward, all models)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+@dataclass
+class _Window:
+    loss_sum: Optional[torch.Tensor] = None  # device
+    loss_weight: int = 0
+    aux_loss_sum: Optional[torch.Tensor] = None
+    micro_batches: int = 0
+    input_tokens: int = 0
+    supervised_tokens: int = 0
+    samples: int = 0
+    # The rate window: only steps after warm-up count towards rates.
+    rate_tokens: int = 0
+    rate_samples: int = 0
+    rate_flops: float = 0.0
+    rate_steps: int = 0
+    extra_sums: dict = field(default_factory=dict)  # name -> device tensor
+    extra_counts: dict = field(default_factory=dict)  # name -> float
+
+
+class MetricsTracker:
+    def __init__(self, *, world_size: int, device: torch.device, peak_flops: Optional[float],
+                 total_steps: int, warmup_steps: int, enabled: bool = True):
+        self.world_size = world_size
+        self.device = device
+        self.peak_flops = peak_flops
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.enabled = enabled
+        self.tokens_seen = 0  # global, cumulative (restored on resume)
+        self.supervised_tokens_seen = 0
+        self.skipped_steps = 0
+        self.steps_this_process = 0
+        self.window = _Window()
+        self.rate_window_start: Optional[float] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self.last_step_skipped = False
+        self._warned: set[str] = set()
+        self.epoch_start = time.perf_counter()
+        if warmup_steps == 0:
+            self._start_rate_window()
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and distributed.is_main():
+            self._warned.add(key)
+            warnings.warn(message)
+            print(f"WARNING: {message}", flush=True)
+
+    def _start_rate_window(self) -> None:
+        distributed.synchronize()
+        self.rate_window_start = time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def add_micro_batch(self, loss_sum: torch.Tensor, loss_weight: int, stats: BatchStats,
+                        aux_loss: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> None:
+        """`extras`: name -> (device sum, host count); logged as the global sum / global count."""
+        if not self.enabled:
+            return
+        w = self.window
+        loss_sum = loss_sum.detach().to(torch.float64)
+        w.loss_sum = loss_sum if w.loss_sum is None else w.loss_sum + loss_sum
+        w.loss_weight += loss_weight
+        if aux_loss is not None:
+            aux = aux_loss.detach().to(torch.float64)
+            w.aux_loss_sum = aux if w.aux_loss_sum is None else w.aux_loss_sum + aux
+        w.micro_batches += 1
+        w.input_tokens += stats.input_tokens
+        w.supervised_tokens += stats.supervised_tokens
+        w.samples += stats.samples
+        if self.rate_window_start is not None:
+            w.rate_tokens += stats.input_tokens
+            w.rate_samples += stats.samples
+            w.rate_flops += stats.model_flops
+        for name, (value_sum, count) in (extras or {}).items():
+            value_sum = value_sum.detach().to(torch.float64)
+            w.extra_sums[name] = value_sum + w.extra_sums[name] if name in w.extra_sums else value_sum
+            w.extra_counts[name] = w.extra_counts.get(name, 0.0) + float(count)
+
+    def add_optimizer_step(self, grad_norm: Optional[torch.Tensor], applied: bool) -> None:
+        """Record the step just taken; `grad_norm` is its pre-clip global norm (None when unknown)."""
+        self.steps_this_process += 1
+        if not self.enabled:
+            return
+        if not applied:
+            self.skipped_steps += 1
+        self.last_step_skipped = not applied
+        self.last_grad_norm = grad_norm if applied else None
+        if self.rate_window_start is not None:
+            self.window.rate_steps += 1
+        elif self.steps_this_process == self.warmup_steps:
+            self._start_rate_window()
+
+    def _gather(self, local: list) -> torch.Tensor:
+        """One collective for the whole record: every rank's vector, as a [world, K] float64 host tensor."""
+        def as_tensor(value) -> torch.Tensor:
+            if isinstance(value, torch.Tensor):
+                return value.to(self.device, torch.float64).reshape(())
+            return torch.tensor(float(value), dtype=torch.float64, device=self.device)
+
+        vector = torch.stack([as_tensor(value) for value in local])
+        if self.world_size > 1:
+            gathered = [torch.empty_like(vector) for _ in range(self.world_size)]
+            dist.all_gather(gathered, vector)
+            vector = torch.stack(gathered)
+        else:
+            vector = vector.unsqueeze(0)
+        return vector.cpu()
+
+    def collect(self, *, global_step: int, learning_rate: float) -> dict:
+        """End the window: reduce over ranks, compute rates, reset. Called on every rank (collective)."""
+        distributed.synchronize()
+        now = time.perf_counter()
+        w = self.window
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra_names = sorted(w.extra_sums)
+        grad_norm = self.last_grad_norm
+        local = [
+            w.loss_sum if w.loss_sum is not None else zero, w.loss_weight,
+            w.aux_loss_sum if w.aux_loss_sum is not None else zero, w.micro_batches,
+            w.input_tokens, w.supervised_tokens, w.samples,
+            w.rate_tokens, w.rate_samples, w.rate_flops,
+            grad_norm if grad_norm is not None else float("nan"),
+            peak_memory_gb(),
+            *[w.extra_sums[n] for n in extra_names], *[w.extra_counts[n] for n in extra_names],
+        ]
+        rows = self._gather(local)
+        totals = rows.sum(dim=0).tolist()
+        (loss_sum, loss_weight, aux_sum, micro_batches, input_tokens, supervised_tokens, samples,
+         rate_tokens, rate_samples, rate_flops) = totals[:10]
+        extras_total = totals[12:]
+        grad_norm_value = rows[0, 10].item()
+        memory = rows[:, 11].max().item()
+
+        self.tokens_seen += int(input_tokens)
+        self.supervised_tokens_seen += int(supervised_tokens)
+        record = {
+            "train/loss": loss_sum / loss_weight if loss_weight else None,
+            "train/learning_rate": learning_rate,
+            "train/grad_norm": None,
+            "train/global_step": global_step,
+            "train/num_input_tokens_seen": self.tokens_seen,
+            "train/num_supervised_tokens_seen": self.supervised_tokens_seen,
+            "train/skipped_steps": self.skipped_steps,
+            "system/peak_memory_gb": memory,
+        }
+        if self.last_grad_norm is None and not self.last_step_skipped:
+            self.warn_once("grad_norm", "grad norm unknown for this step: logged as null")
+        elif math.isfinite(grad_norm_value):
+            record["train/grad_norm"] = grad_norm_value
+        elif not self.last_step_skipped:
+            self.warn_once("grad_norm_nonfinite", f"non-finite grad norm at step {global_step}: logged as null")
+        if w.aux_loss_sum is not None:
+            record["train/aux_loss"] = aux_sum / micro_batches if micro_batches else None
+
+        steps = w.rate_steps
+        elapsed = now - self.rate_window_start if self.rate_window_start is not None else 0.0
+        rates_known = steps > 0 and elapsed > 0
+        if not rates_known:
+            self.warn_once("rates", f"no rate window yet at step {global_step} (the first "
+                                    f"{self.warmup_steps} steps are warm-up): rates logged as null")
+        per_device_flops = rate_flops / elapsed / self.world_size if rates_known else None
+        step_time = elapsed / steps if rates_known else None
+        if self.peak_flops is None:
+            self.warn_once("peak", "device peak FLOP/s unknown: MFU logged as null (set --peak_tflops)")
+        record.update({
+            "train/tokens_per_second": rate_tokens / elapsed if rates_known else None,
+            "train/samples_per_second": rate_samples / elapsed if rates_known else None,
+            "train/steps_per_second": steps / elapsed if rates_known else None,
+            "train/tflops_per_device": per_device_flops / 1e12 if rates_known else None,
+            "train/mfu_percent": 100 * per_device_flops / self.peak_flops
+            if rates_known and self.peak_flops else None,
+            "system/step_time_s": step_time,
+            "train/eta_minutes": max(0, self.total_steps - global_step) * step_time / 60 if rates_known else None,
+            "system/epoch_time": (now - self.epoch_start) / 60,
+        })
+        for i, name in enumerate(extra_names):
+            total, count = extras_total[i], extras_total[len(extra_names) + i]
+            record[name] = total / count if count else None
+
+        self.window = _Window()
+        if self.rate_window_start is not None:
+            self.rate_window_start = time.perf_counter()
+        return record
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "supervised_tokens_seen": self.supervised_tokens_seen,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens_seen = state["tokens_seen"]
+        self.supervised_tokens_seen = state["supervised_tokens_seen"]
+        self.skipped_steps = state["skipped_steps"]

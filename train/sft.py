@@ -1,0 +1,10 @@
+"""Supervised fine-tuning: chat conversations, loss on the assistant turns only.
+
+    python train/sft.py --data_config config/data/posttrain/sft/general.yaml --from_weight midtrain
+"""
+from train.stage import LanguageModelStage
+from train.trainer import main
+
+if __name__ == "__main__":
+    main(LanguageModelStage("sft", data_kind="sft", default_packing="padded"),
+         dict(data_config="config/data/posttrain/sft/general.yaml", from_weight="midtrain", learning_rate=2e-4))

@@ -1,0 +1,309 @@
+"""The one training loop every stage runs: set-up, DeepSpeed engine, steps, metrics, evaluation, checkpoints.
+
+A stage (train/stage.py) supplies its data kind, loss and FLOPs; everything else lives here once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig, Transformer, load_pretrained, num_params, save_state_dict
+from train import checkpoint, distributed
+from train.config import REPO_ROOT, ConfigError, TrainConfig, parse_config
+from train.data import build_data
+from train.engine import (build_ds_config, deepspeed_reports_grad_norm, full_gradient_norm, initialize,
+                          resolve_dtype, zero_stage)
+from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
+from train.metrics import MetricsTracker
+from train.peak_flops import device_peak, describe
+from train.stage import Stage
+
+EXPORT_DIR = "export"
+STAGE_ORDER = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
+
+
+def resolve_from_weight(cfg: TrainConfig) -> Optional[Path]:
+    """`none`, a stage name (its export under out_root) or a directory; a missing source says what to run."""
+    if cfg.from_weight == "none":
+        return None
+    if cfg.from_weight in STAGE_ORDER:
+        path = cfg.resolve_path(cfg.out_root) / cfg.from_weight / EXPORT_DIR
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"--from_weight {cfg.from_weight}: no exported weights at {path}; run the "
+                              f"{cfg.from_weight} stage first (bash launch/run_{cfg.from_weight}.sh, or "
+                              f"python train/{cfg.from_weight}.py) with the same --out_root")
+        return path
+    path = cfg.resolve_path(cfg.from_weight)
+    if not (path / "model.safetensors").is_file():
+        raise ConfigError(f"--from_weight {cfg.from_weight}: {path} holds no model.safetensors; give none, a "
+                          f"stage name ({', '.join(STAGE_ORDER)}) or a directory written by a stage's export")
+    return path
+
+
+def build_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
+    if source is not None:
+        return load_pretrained(source)
+    model_path = cfg.resolve_path(cfg.model)
+    if (model_path / "config.json").is_file():
+        config = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
+    else:
+        try:
+            config = ModelConfig.from_preset(cfg.model)
+        except ValueError as error:
+            raise ConfigError(f"--model: {error} (or a directory holding config.json)") from None
+    return Transformer(config)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_ranks_reduce(value: float, op: str) -> float:
+    if distributed.world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=distributed.device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return tensor.item() / (distributed.world_size() if op == "mean" else 1)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, stage: Stage, cfg: TrainConfig):
+        self.stage, self.cfg = stage, cfg
+        distributed.init_distributed()
+        seed_everything(cfg.seed)
+        self.world_size, self.device = distributed.world_size(), distributed.device()
+        self.out_dir = cfg.resolve_path(cfg.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+        source = resolve_from_weight(cfg)
+        self.model = build_model(cfg, source)
+        self.model_config: ModelConfig = self.model.config
+        self.data = build_data(cfg, stage, self.model_config, distributed.rank(), self.world_size)
+        self.steps_per_epoch = len(self.data.train) // cfg.accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"--batch_size {cfg.batch_size} × --accumulation_steps {cfg.accumulation_steps} × "
+                              f"{self.world_size} ranks needs more data than {cfg.data_config} holds "
+                              f"({len(self.data.train)} micro-batches per rank per epoch)")
+        planned = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.ds_config = build_ds_config(cfg, self.world_size, self.dtype)
+        self.zero_stage = zero_stage(self.ds_config)
+        self.engine = initialize(self.model, cfg, self.ds_config, self.total_steps)
+        self.own_grad_norm = not deepspeed_reports_grad_norm(self.engine)
+
+        self.peak = device_peak(self.dtype, cfg.peak_tflops, REPO_ROOT / ".cache", all_ranks_reduce)
+        self.metrics = MetricsTracker(world_size=self.world_size, device=self.device,
+                                      peak_flops=self.peak.flops_per_second, total_steps=self.total_steps,
+                                      warmup_steps=cfg.throughput_warmup_steps, enabled=cfg.metrics)
+        self.global_step, self.epoch, self.next_batch = 0, 0, 0
+        self.wandb_id: Optional[str] = None
+        if cfg.from_resume:
+            self._resume()
+        self.logger = self._build_loggers() if distributed.is_main() else None
+        self.history: list[dict] = []
+        self._write_run_config(source)
+
+    # ----- set-up helpers -----
+    def _resume(self) -> None:
+        tag, state = checkpoint.load(self.engine, self.checkpoint_dir)
+        self.global_step = state["global_step"]
+        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
+        self.metrics.load_state_dict(state["metrics"])
+        self.wandb_id = state.get("wandb_id")
+        if distributed.is_main():
+            print(f"resumed from {self.checkpoint_dir / tag}: step {self.global_step}, epoch {self.epoch + 1}, "
+                  f"micro-batch {self.next_batch}", flush=True)
+
+    def _build_loggers(self) -> MultiLogger:
+        loggers = [ConsoleLogger(), JsonlLogger(self.out_dir / "metrics.jsonl")]
+        if self.cfg.use_wandb:
+            try:
+                name = self.cfg.wandb_run_name or f"{self.stage.name}-zero{self.zero_stage}-ws{self.world_size}"
+                wandb_logger = WandbLogger(self.cfg.wandb_project, name, group=self.stage.name,
+                                           config=self.run_config(), out_dir=self.out_dir, run_id=self.wandb_id)
+                self.wandb_id = wandb_logger.run_id
+                loggers.append(wandb_logger)
+            except Exception as error:  # W&B must never stop training; JSONL keeps everything
+                print(f"WARNING: W&B disabled: {type(error).__name__}: {error}", flush=True)
+        return MultiLogger(loggers)
+
+    def run_config(self) -> dict:
+        return {
+            "train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds_config,
+            "world_size": self.world_size, "zero_stage": self.zero_stage, "dtype": self.dtype,
+            "peak_flops": describe(self.peak), "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch, "parameters": num_params(self.model_config),
+            "grad_norm_source": "own full-gradient norm" if self.own_grad_norm else "engine.get_global_grad_norm()",
+            "data": self.data.describe(),
+        }
+
+    def _write_run_config(self, source: Optional[Path]) -> None:
+        if not distributed.is_main():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        config = self.run_config()
+        config["from_weight_path"] = str(source) if source else None
+        (self.out_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+        print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
+              f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
+              f"({self.steps_per_epoch}/epoch), peak: {self.peak.basis}", flush=True)
+
+    # ----- the loop -----
+    def _optimizer_step(self, micro_batches: list[dict]) -> None:
+        cfg, engine, stage = self.cfg, self.engine, self.stage
+        weights = [stage.loss_weight(batch) for batch in micro_batches]
+        # Normalise by the whole step's loss units over all ranks, so every token (or pair) weighs the same
+        # whatever micro-batch it landed in. DeepSpeed divides by accumulation steps and averages gradients
+        # over ranks; the factor undoes both.
+        step_weight = torch.tensor(float(sum(weights)), dtype=torch.float32, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(step_weight)
+        scale = (self.world_size * cfg.accumulation_steps) / step_weight.clamp_min(1.0)
+        grad_norm, learning_rate = None, engine.get_lr()[0]
+        for batch, weight in zip(micro_batches, weights):
+            stats = stage.batch_stats(batch, self.model_config) if cfg.metrics else None
+            output = stage.loss(engine, to_device(batch, self.device))
+            objective = output.loss_sum * scale
+            if output.aux_loss is not None:
+                objective = objective + output.aux_loss
+            engine.backward(objective)
+            if self.own_grad_norm and engine.is_gradient_accumulation_boundary() and cfg.metrics:
+                grad_norm = full_gradient_norm(engine)
+            engine.step()
+            if cfg.metrics:
+                self.metrics.add_micro_batch(output.loss_sum, weight, stats, output.aux_loss, output.extras)
+        applied = engine.was_step_applied()
+        if not self.own_grad_norm:
+            reported = engine.get_global_grad_norm()
+            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
+        self.metrics.add_optimizer_step(grad_norm, applied)
+        self.learning_rate = learning_rate
+        self.global_step += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss (and stage extras) over the validation split, reduced over ranks."""
+        self.engine.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        weight = 0
+        extra_sums: dict[str, torch.Tensor] = {}
+        extra_counts: dict[str, float] = {}
+        for index, batch in enumerate(self.data.val.iterate(0)):
+            if self.cfg.eval_batches and index >= self.cfg.eval_batches:
+                break
+            output = self.stage.loss(self.engine, to_device(batch, self.device))
+            loss_sum += output.loss_sum.double()
+            weight += self.stage.loss_weight(batch)
+            for name, (value, count) in output.extras.items():
+                extra_sums[name] = extra_sums.get(name, 0) + value.double()
+                extra_counts[name] = extra_counts.get(name, 0.0) + count
+        names = sorted(extra_sums)
+        packed = torch.stack([loss_sum, torch.tensor(float(weight), dtype=torch.float64, device=self.device),
+                              *[extra_sums[n] for n in names],
+                              *[torch.tensor(extra_counts[n], dtype=torch.float64, device=self.device) for n in names]])
+        if self.world_size > 1:
+            dist.all_reduce(packed)
+        totals = packed.tolist()
+        self.engine.train()
+        loss = totals[0] / totals[1] if totals[1] else None
+        record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700)) if loss is not None else None}
+        for i, name in enumerate(names):
+            count = totals[2 + len(names) + i]
+            record[f"eval/{name}"] = totals[2 + i] / count if count else None
+        return record
+
+    def _log(self, epoch_step: int, eval_record: Optional[dict]) -> None:
+        record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
+        record["train/epoch"] = self.epoch + epoch_step / self.steps_per_epoch
+        record.update({"progress/epoch_index": self.epoch, "progress/epochs": self.cfg.epochs,
+                       "progress/epoch_step": epoch_step, "progress/steps_per_epoch": self.steps_per_epoch})
+        if eval_record:
+            record.update(eval_record)
+        if self.logger is not None:
+            self.logger.log(record, self.global_step)
+            self.history.append(record)
+
+    def _save(self, resume_epoch: int, resume_batch: int) -> None:
+        """`resume_epoch`/`resume_batch`: where a resumed run picks up the data (micro-batch index)."""
+        state = {"global_step": self.global_step, "epoch": resume_epoch, "next_batch": resume_batch,
+                 "metrics": self.metrics.state_dict(), "wandb_id": self.wandb_id, "stage": self.stage.name}
+        path = checkpoint.save(self.engine, self.checkpoint_dir, self.global_step, state, self.cfg.keep_checkpoints)
+        if distributed.is_main():
+            print(f"saved checkpoint {path}", flush=True)
+
+    def _export(self) -> None:
+        state = checkpoint.consolidated_state_dict(self.engine, self.zero_stage)
+        if distributed.is_main():
+            path = save_state_dict(state, self.model_config, self.out_dir / EXPORT_DIR)
+            print(f"exported weights to {path}", flush=True)
+        distributed.barrier()
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.engine.train()
+        self.learning_rate = self.engine.get_lr()[0]
+        done = self.global_step >= self.total_steps
+        while not done and self.epoch < cfg.epochs:
+            self.metrics.start_epoch()
+            start_batch = self.next_batch
+            batches = self.data.train.iterate(self.epoch, start_batch=start_batch)
+            epoch_step = start_batch // cfg.accumulation_steps
+            while epoch_step < self.steps_per_epoch and not done:
+                self._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
+                epoch_step += 1
+                done = self.global_step >= self.total_steps
+                at = lambda interval: interval and self.global_step % interval == 0
+                evaluate = at(cfg.eval_interval) or done
+                save = at(cfg.save_interval) or done
+                # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
+                if cfg.metrics and (at(cfg.log_interval) or evaluate or save):
+                    self._log(epoch_step, self.evaluate() if evaluate else None)
+                if save:
+                    if epoch_step == self.steps_per_epoch:
+                        self._save(resume_epoch=self.epoch + 1, resume_batch=0)
+                    else:
+                        self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
+            if epoch_step == self.steps_per_epoch:
+                self.epoch += 1
+                self.next_batch = 0
+        self._export()
+        if distributed.is_main():
+            self._write_summary(time.perf_counter() - started)
+            self.logger.close()
+        return self.history
+
+    def _write_summary(self, wall_seconds: float) -> None:
+        def mean(key: str) -> Optional[float]:
+            values = [r[key] for r in self.history if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        last = self.history[-1] if self.history else {}
+        summary = {"stage": self.stage.name, "final_loss": last.get("train/loss"), "eval_loss": last.get("eval/loss"),
+                   "global_step": self.global_step, "tokens_seen": self.metrics.tokens_seen,
+                   "mean_tokens_per_second": mean("train/tokens_per_second"),
+                   "mean_mfu_percent": mean("train/mfu_percent"), "wall_time_s": wall_seconds}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[{self.stage.name}] done: {json.dumps(summary)}", flush=True)
+
+
+def main(stage: Stage, defaults: dict, argv: Optional[list[str]] = None) -> list[dict]:
+    """Entry point of a stage script: its defaults, then --config YAML, then flags."""
+    cfg = parse_config({"stage": stage.name, **defaults}, argv, description=f"zerostage {stage.name} stage")
+    return Trainer(stage, cfg).train()
