@@ -1,0 +1,14 @@
+"""MiniMind-style decoder-only language model: config, module, generation, FLOPs, checkpoints."""
+
+from model.config import PRESETS, ModelConfig
+from model.flops import attention_flops, forward_flops, matmul_flops_per_token, num_params, training_flops
+from model.generate import Generation, generate
+from model.kv_cache import KVCache
+from model.model import ModelOutput, Transformer
+from model.weights import load_pretrained, save_pretrained, save_state_dict
+
+__all__ = [
+    "PRESETS", "ModelConfig", "Transformer", "ModelOutput", "KVCache", "Generation", "generate",
+    "load_pretrained", "save_pretrained", "save_state_dict", "attention_flops", "forward_flops",
+    "matmul_flops_per_token", "num_params", "training_flops",
+]

@@ -1,0 +1,98 @@
+"""Analytic parameter and FLOP counts from a ModelConfig alone: the numerator of MFU.
+
+A matmul [m, k] @ [k, n] costs 2·m·k·n FLOPs (a multiply and an add per term). With
+H = hidden_size, nh = num_heads, nkv = num_kv_heads, d = head_dim, I = intermediate_size,
+V = vocab_size, E = num_experts, k = num_experts_per_tok, S = num_shared_experts,
+N = num_layers, each token costs, per layer:
+
+    q projection          2·H·(nh·d)
+    k, v projections      2·H·(nkv·d) each
+    o projection          2·(nh·d)·H
+    SwiGLU FFN            3 · 2·H·I               (gate, up, down)
+    or MoE FFN            2·H·E + (k + S) · 3 · 2·H·I   (router, then only the active experts)
+
+plus once per token at the top: LM head 2·H·V. Embedding lookups, norms, RoPE, softmax and
+residual adds are not matmuls and are not counted.
+
+Attention scores depend on how tokens group into documents, not on the token count alone.
+A document of length L costs, per layer,
+
+    Q·Kᵀ 2·L²·(nh·d)  +  P·V 2·L²·(nh·d)  =  4·L²·nh·d
+
+when every query sees every key; causal masking halves it, counting only the useful half of the
+score matrix. Packed documents therefore cost Σ Lᵢ², not (Σ Lᵢ)². Padding is not useful work:
+pass the lengths of real documents only.
+
+Training costs 3 × forward: backward runs two matmuls (input and weight gradients) for each
+forward one. Activation recomputation is not counted, as MFU measures useful work only.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from model.config import ModelConfig
+
+
+def matmul_flops_per_token(config: ModelConfig) -> int:
+    """Forward FLOPs of the weight matmuls for one token (everything but attention scores)."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_and_o = 2 * (2 * hidden * config.num_heads * head_dim)
+    k_and_v = 2 * (2 * hidden * config.num_kv_heads * head_dim)
+    swiglu = 3 * 2 * hidden * config.intermediate_size
+    if config.use_moe:
+        router = 2 * hidden * config.num_experts
+        ffn = router + (config.num_experts_per_tok + config.num_shared_experts) * swiglu
+    else:
+        ffn = swiglu
+    lm_head = 2 * hidden * config.vocab_size
+    return config.num_layers * (q_and_o + k_and_v + ffn) + lm_head
+
+
+def attention_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
+    """Forward FLOPs of Q·Kᵀ and P·V over all layers: N · Σ 4·L²·nh·d, halved when causal."""
+    full = sum(4 * length * length * config.num_heads * config.head_dim for length in _lengths(doc_lengths))
+    full *= config.num_layers
+    return full // 2 if causal else full
+
+
+def forward_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
+    """Forward FLOPs for a batch whose documents have these lengths (list, tuple or 1-D tensor)."""
+    lengths = _lengths(doc_lengths)
+    return matmul_flops_per_token(config) * sum(lengths) + attention_flops(config, lengths, causal)
+
+
+def training_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
+    """Forward + backward FLOPs: 3 × forward."""
+    return 3 * forward_flops(config, doc_lengths, causal)
+
+
+def num_params(config: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameter count of Transformer(config), tied weights counted once.
+
+    include_embedding=False leaves out the input embedding table (and with it a tied LM head),
+    the convention for scaling-law "non-embedding" parameters.
+    """
+    hidden, head_dim = config.hidden_size, config.head_dim
+    attention = 2 * hidden * config.num_heads * head_dim + 2 * hidden * config.num_kv_heads * head_dim
+    swiglu = 3 * hidden * config.intermediate_size
+    if config.use_moe:
+        ffn = hidden * config.num_experts + (config.num_experts + config.num_shared_experts) * swiglu
+    else:
+        ffn = swiglu
+    norms = 2 * hidden
+    body = config.num_layers * (attention + ffn + norms) + hidden  # + final norm
+    embedding = config.vocab_size * hidden
+    lm_head = 0 if config.tie_embeddings else config.vocab_size * hidden
+    return body + lm_head + (embedding if include_embedding else 0)
+
+
+def _lengths(doc_lengths: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(doc_lengths, torch.Tensor):
+        if doc_lengths.dim() != 1:
+            raise ValueError(f"doc_lengths must be 1-D, got shape {tuple(doc_lengths.shape)}")
+        doc_lengths = doc_lengths.tolist()
+    lengths = [int(length) for length in doc_lengths]
+    if any(length < 0 for length in lengths):
+        raise ValueError(f"doc_lengths must be non-negative, got {lengths}")
+    return lengths

@@ -1,0 +1,73 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ModelConfig, Transformer, attention_flops, forward_flops, training_flops
+
+# (preset, batch, seq_len): the larger presets run short sequences to stay fast.
+CASES = [("tiny", 2, 64), ("small", 1, 32), ("tiny-moe", 2, 64), ("moe", 1, 32)]
+TOLERANCE = 0.02
+
+
+def counted_flops(preset: str, batch: int, seq_len: int, backward: bool) -> int:
+    torch.manual_seed(0)
+    # The math kernel computes the whole T x T score matrix and masks it afterwards, so it does the
+    # non-causal attention work, and its explicit matmuls are visible to the counter.
+    model = Transformer(ModelConfig.from_preset(preset, attn_impl="math"))
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids[:, :-1])
+        if backward:
+            loss = F.cross_entropy(out.logits.flatten(0, 1), input_ids[:, 1:].flatten())
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset,batch,seq_len", CASES)
+def test_forward_flops_match_flop_counter(preset, batch, seq_len):
+    config = ModelConfig.from_preset(preset)
+    analytic = forward_flops(config, [seq_len] * batch, causal=False)
+    measured = counted_flops(preset, batch, seq_len, backward=False)
+    relative = measured / analytic - 1
+    print(f"forward {preset} B={batch} T={seq_len}: counter {measured:,} analytic {analytic:,} "
+          f"relative difference {relative:+.3%}")
+    assert abs(relative) < TOLERANCE
+
+
+@pytest.mark.parametrize("preset,batch,seq_len", CASES)
+def test_training_flops_match_flop_counter(preset, batch, seq_len):
+    config = ModelConfig.from_preset(preset)
+    analytic = training_flops(config, [seq_len] * batch, causal=False)
+    measured = counted_flops(preset, batch, seq_len, backward=True)
+    relative = measured / analytic - 1
+    print(f"forward+backward {preset} B={batch} T={seq_len}: counter {measured:,} analytic {analytic:,} "
+          f"relative difference {relative:+.3%}")
+    assert abs(relative) < TOLERANCE
+
+
+def test_causal_attention_is_half_of_full():
+    config = ModelConfig.from_preset("small")
+    lengths = [7, 100, 512]
+    assert 2 * attention_flops(config, lengths, causal=True) == attention_flops(config, lengths, causal=False)
+    saved = forward_flops(config, lengths, causal=False) - forward_flops(config, lengths, causal=True)
+    assert saved == attention_flops(config, lengths, causal=True)
+
+
+def test_packed_documents_cost_sum_of_squares():
+    config = ModelConfig.from_preset("small")
+    lengths = [100, 300, 112]
+    per_unit_square = attention_flops(config, [1])
+    assert attention_flops(config, lengths) == per_unit_square * sum(length ** 2 for length in lengths)
+    assert attention_flops(config, lengths) < attention_flops(config, [sum(lengths)])
+    assert forward_flops(config, lengths) == sum(forward_flops(config, [length]) for length in lengths)
+
+
+def test_doc_lengths_accept_tensor_and_tuple():
+    config = ModelConfig.from_preset("tiny")
+    lengths = [3, 5, 8]
+    expected = forward_flops(config, lengths)
+    assert forward_flops(config, tuple(lengths)) == expected
+    assert forward_flops(config, torch.tensor(lengths)) == expected

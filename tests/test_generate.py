@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from model import KVCache, ModelConfig, Transformer, generate
+
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2], [250, 31, 8, 64]]
+NEW_TOKENS = 8
+
+
+def make_model(preset="tiny") -> Transformer:
+    torch.manual_seed(0)
+    # Sharper than the training init, so that a token attending to the wrong context changes the
+    # greedy choice instead of being averaged away by near-uniform attention.
+    return Transformer(ModelConfig.from_preset(preset, init_std=0.1)).eval()
+
+
+def greedy_without_cache(model: Transformer, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_decoding_in_chunks_with_a_cache_matches_one_full_forward(preset):
+    model = make_model(preset)
+    chunks = [6, 3, 1, 1, 1]  # a prefill, a multi-token step (fewer queries than keys), single steps
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, sum(chunks)), generator=generator)
+    cache = KVCache(model.config.num_layers, capacity=sum(chunks))
+    pieces = [model(chunk, kv_cache=cache).logits for chunk in input_ids.split(chunks, dim=1)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(input_ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_cached_greedy_matches_full_recompute(preset):
+    model = make_model(preset)
+    out = generate(model, [PROMPTS[0]], NEW_TOKENS, greedy=True)
+    assert out.tokens[0].tolist() == greedy_without_cache(model, PROMPTS[0], NEW_TOKENS)
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    model = make_model()
+    batched = generate(model, PROMPTS, NEW_TOKENS, greedy=True)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], NEW_TOKENS, greedy=True)
+        assert batched.tokens[row].tolist() == alone.tokens[0].tolist()
+
+
+def test_padded_tensor_input_matches_list_input():
+    model = make_model()
+    width = max(len(prompt) for prompt in PROMPTS)
+    pad = 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    from_tensor = generate(model, input_ids, NEW_TOKENS, attention_mask=attention_mask, greedy=True)
+    from_lists = generate(model, PROMPTS, NEW_TOKENS, greedy=True)
+    assert torch.equal(from_tensor.tokens, from_lists.tokens)
+
+
+def test_right_padded_prompts_are_rejected():
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(make_model(), torch.tensor([[1, 2, 0]]), 2, attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+def test_eos_stops_each_row_and_pads_after_it():
+    model = make_model()
+    free = generate(model, PROMPTS, NEW_TOKENS, greedy=True).tokens
+    eos = int(free[0, 2])  # row 0 is guaranteed to stop by its third token
+    pad = (eos + 1) % model.config.vocab_size
+
+    out = generate(model, PROMPTS, NEW_TOKENS, greedy=True, eos_token_id=eos, pad_token_id=pad)
+    expected_lengths = []
+    for row in range(len(PROMPTS)):
+        hits = (free[row] == eos).nonzero()
+        expected_lengths.append(int(hits[0]) + 1 if len(hits) else NEW_TOKENS)
+    assert out.lengths.tolist() == expected_lengths
+    assert out.tokens.shape[1] == max(expected_lengths)  # stops once every row has finished
+    for row, length in enumerate(expected_lengths):
+        assert out.tokens[row, :length].tolist() == free[row, :length].tolist()
+        assert (out.tokens[row, length:] == pad).all()
+        assert out.mask[row].tolist() == [i < length for i in range(out.tokens.shape[1])]
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    model = make_model()
+    greedy = generate(model, PROMPTS, NEW_TOKENS, greedy=True).tokens
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, PROMPTS, NEW_TOKENS, top_k=1, generator=generator).tokens, greedy)
+    assert torch.equal(generate(model, PROMPTS, NEW_TOKENS, top_p=1e-6, generator=generator).tokens, greedy)
+    assert torch.equal(generate(model, PROMPTS, NEW_TOKENS, temperature=0.0).tokens, greedy)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = make_model()
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, PROMPTS, NEW_TOKENS, top_k=50, top_p=0.9, generator=generator).tokens
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+def test_generate_restores_training_mode():
+    model = make_model().train()
+    generate(model, PROMPTS, 2)
+    assert model.training
+    model.eval()
+    generate(model, PROMPTS, 2)
+    assert not model.training
