@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -78,12 +78,16 @@ class MetricsTracker:
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned and distributed.is_main():
             self._warned.add(key)
-            warnings.warn(message)
-            print(f"WARNING: {message}", flush=True)
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
     def _start_rate_window(self) -> None:
         distributed.synchronize()
         self.rate_window_start = time.perf_counter()
+
+    def restart_rate_clock(self) -> None:
+        """Leave the time since the last window out of the next (evaluation, checkpointing)."""
+        if self.rate_window_start is not None:
+            self._start_rate_window()
 
     def start_epoch(self) -> None:
         self.epoch_start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from model import ModelConfig, Transformer, load_pretrained, num_params, save_state_dict
 from train import checkpoint, distributed
 from train.config import REPO_ROOT, ConfigError, TrainConfig, parse_config
-from train.data import build_data
+from train.data_loading import build_data
 from train.engine import (build_ds_config, deepspeed_reports_grad_norm, full_gradient_norm, initialize,
                           resolve_dtype, zero_stage)
 from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
@@ -199,11 +199,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Token-weighted loss (and stage extras) over the validation split, reduced over ranks."""
-        self.engine.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         weight = 0
         extra_sums: dict[str, torch.Tensor] = {}
         extra_counts: dict[str, float] = {}
+        if self.data.val is None:
+            self.metrics.warn_once("no_val", f"{self.cfg.data_config} has no validation split: no eval/* metrics")
+            return {}
+        self.engine.eval()
         for index, batch in enumerate(self.data.val.iterate(0)):
             if self.cfg.eval_batches and index >= self.cfg.eval_batches:
                 break
@@ -213,6 +216,7 @@ class Trainer:
             for name, (value, count) in output.extras.items():
                 extra_sums[name] = extra_sums.get(name, 0) + value.double()
                 extra_counts[name] = extra_counts.get(name, 0.0) + count
+        self.engine.train()
         names = sorted(extra_sums)
         packed = torch.stack([loss_sum, torch.tensor(float(weight), dtype=torch.float64, device=self.device),
                               *[extra_sums[n] for n in names],
@@ -220,7 +224,6 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(packed)
         totals = packed.tolist()
-        self.engine.train()
         loss = totals[0] / totals[1] if totals[1] else None
         record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700)) if loss is not None else None}
         for i, name in enumerate(names):
@@ -228,13 +231,10 @@ class Trainer:
             record[f"eval/{name}"] = totals[2 + i] / count if count else None
         return record
 
-    def _log(self, epoch_step: int, eval_record: Optional[dict]) -> None:
-        record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
+    def _log(self, record: dict, epoch_step: int) -> None:
         record["train/epoch"] = self.epoch + epoch_step / self.steps_per_epoch
         record.update({"progress/epoch_index": self.epoch, "progress/epochs": self.cfg.epochs,
                        "progress/epoch_step": epoch_step, "progress/steps_per_epoch": self.steps_per_epoch})
-        if eval_record:
-            record.update(eval_record)
         if self.logger is not None:
             self.logger.log(record, self.global_step)
             self.history.append(record)
@@ -274,12 +274,17 @@ class Trainer:
                 save = at(cfg.save_interval) or done
                 # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
                 if cfg.metrics and (at(cfg.log_interval) or evaluate or save):
-                    self._log(epoch_step, self.evaluate() if evaluate else None)
+                    record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
+                    if evaluate:
+                        record.update(self.evaluate())
+                    self._log(record, epoch_step)
                 if save:
                     if epoch_step == self.steps_per_epoch:
                         self._save(resume_epoch=self.epoch + 1, resume_batch=0)
                     else:
                         self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
+                if evaluate or save:
+                    self.metrics.restart_rate_clock()  # evaluation and saving are not training throughput
             if epoch_step == self.steps_per_epoch:
                 self.epoch += 1
                 self.next_batch = 0

@@ -1,0 +1,85 @@
+"""A stage's data: the tokenizer, the prepared token store (tokenized once, by one rank per node) and the loaders."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from data.loader import BatchLoader
+from data.mixture import load_data_config
+from data.prepare import PreparedData, load_prepared
+from data.tokenizer import Tokenizer, load_tokenizer
+from model import ModelConfig
+from train import distributed
+from train.config import ConfigError, TrainConfig
+
+
+@dataclass
+class StageData:
+    tokenizer: Tokenizer
+    prepared: PreparedData
+    train: BatchLoader
+    val: Optional[BatchLoader]
+    mode: str
+    seq_len: int
+
+    def describe(self) -> dict:
+        return {"store": str(self.prepared.root), "key": self.prepared.key, "kind": self.prepared.kind,
+                "mode": self.mode, "seq_len": self.seq_len, "reused_prepared": self.prepared.reused,
+                "train_docs": len(self.prepared.split("train")),
+                "val_docs": len(self.prepared.split("val")) if self.val else 0,
+                "micro_batches_per_epoch_per_rank": len(self.train),
+                "padding_fraction": self.train.padding_fraction(0), "tokenizer": self.tokenizer.name_or_path}
+
+
+def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepared: bool) -> PreparedData:
+    """Local rank 0 tokenizes (or checks the store); the others wait and open it. An error on the preparing
+    rank is raised on every rank, so none is left waiting in a collective."""
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            load_prepared(data_config, tokenizer, require_existing=use_prepared)
+        except Exception as caught:  # re-raised below on every rank
+            error = f"{type(caught).__name__}: {caught}"
+    if distributed.world_size() > 1:
+        errors = [None] * distributed.world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ConfigError(error)
+    return load_prepared(data_config, tokenizer, require_existing=True)
+
+
+def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, world_size: int) -> StageData:
+    tokenizer_dir = cfg.resolve_path(cfg.tokenizer)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--tokenizer: {error}") from None
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"--tokenizer {tokenizer_dir}: its vocabulary ({tokenizer.vocab_size}) does not fit the "
+                          f"model's vocab_size ({model_config.vocab_size}); use a model with vocab_size >= "
+                          f"{tokenizer.vocab_size} or the tokenizer the model was trained with")
+    data_config = load_data_config(cfg.resolve_path(cfg.data_config))
+    if data_config.kind != stage.data_kind:
+        raise ConfigError(f"--data_config {cfg.data_config}: kind '{data_config.kind}' does not fit the "
+                          f"{stage.name} stage, which reads '{stage.data_kind}' data")
+    if cfg.max_seq_len:
+        data_config = dataclasses.replace(data_config, max_seq_len=cfg.max_seq_len)
+    seq_len = data_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f"--max_seq_len / {cfg.data_config}: sequence length {seq_len} exceeds the model's "
+                          f"max_seq_len {model_config.max_seq_len}")
+    prepared = _prepare_on_one_rank_per_node(data_config, tokenizer, cfg.use_prepared)
+    mode = stage.default_packing if cfg.packing == "auto" else cfg.packing
+    train = BatchLoader(prepared.split("train"), cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode,
+                        weights=prepared.weights)
+    val_store = prepared.split("val")
+    val = None
+    if len(val_store):
+        # Every validation document once; the last batches are completed with padding rows, not dropped.
+        val = BatchLoader(val_store, cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode, drop_last=False)
+    return StageData(tokenizer, prepared, train, val, mode, seq_len)
