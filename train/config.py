@@ -15,11 +15,9 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from data.mixture import ConfigError  # one error type for every bad option, data or training
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the option and the valid choices."""
 
 
 @dataclass

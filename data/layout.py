@@ -1,0 +1,56 @@
+"""Epoch layouts shared by every loader: which documents an epoch reads, and which rows a rank gets.
+
+Everything is a pure function of (seed, epoch) and the store, so all ranks agree without
+communicating and a resumed run recomputes exactly the order it was interrupted in.
+"""
+
+import numpy as np
+
+EMPTY_ROW = -1  # a row index past the end of the epoch: an all-padding row (drop_last=False only)
+
+
+def epoch_documents(source: np.ndarray, seed: int, epoch: int, weights=None) -> np.ndarray:
+    """Indices of the documents read in this epoch, shuffled.
+
+    Without weights every document appears once. With weights, source s contributes
+    round(weights[s] * N) documents (N = all documents): whole copies of the source
+    while it fits (upsampling), then a random subset of it (subsampling).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if weights is None:
+        return rng.permutation(len(source))
+    picked = []
+    for source_index, weight in enumerate(weights):
+        members = np.flatnonzero(source == source_index)
+        wanted = round(weight * len(source))
+        if wanted and not len(members):
+            raise ValueError(f"source {source_index} has weight {weight} but no documents in this split")
+        copies, remainder = divmod(wanted, max(len(members), 1))
+        picked += [members] * copies + [rng.permutation(members)[:remainder]]
+    return rng.permutation(np.concatenate(picked))
+
+
+def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, drop_last: bool = True) -> np.ndarray:
+    """[num_batches, batch_size] global row indices of this rank's batches.
+
+    Rank r takes rows r, r+W, r+2W, ...; batch i of every rank together covers rows
+    [i*B*W, (i+1)*B*W). drop_last drops the rows that would not fill a batch on every
+    rank; otherwise the last batches are completed with EMPTY_ROW so that every rank
+    still runs the same number of steps.
+    """
+    rows_per_step = batch_size * world_size
+    num_batches = num_rows // rows_per_step if drop_last else -(-num_rows // rows_per_step)
+    rows = np.arange(num_batches * rows_per_step).reshape(num_batches, batch_size, world_size)[:, :, rank]
+    return np.where(rows < num_rows, rows, EMPTY_ROW)
+
+
+def check_loader_options(store, batch_size: int, rank: int, world_size: int, weights):
+    if len(store) == 0:
+        raise ValueError(f"{store!r} has no documents")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if weights is not None and (len(weights) != store.num_sources or min(weights) < 0):
+        raise ValueError(f"weights {list(weights)} must be {store.num_sources} non-negative numbers, "
+                         f"one per source of {store!r}")

@@ -1,0 +1,303 @@
+"""Tokenize a data mixture once into cached token stores; reuse them while nothing changed.
+
+    python -m data.prepare --data_config config/data/pretrain/demo.yaml [--tokenizer DIR] [--cache_dir DIR]
+
+The cache directory is keyed by sha256 of: the resolved config, each input file's
+path + size + mtime + content hash, the tokenizer fingerprint and special tokens, and
+FORMAT_VERSION. Layout (see data/store.py for one store):
+
+    <cache_dir>/<config name>-<key[:16]>/
+        meta.json                 written last; the directory appears by atomic rename
+        train/  val/              one store each (dpo: chosen/ and rejected/ inside each)
+
+Documents: pretrain [bos] + text + [eos], mask all ones, kept whole (the loader packs and
+splits them); sft ChatML ids + assistant mask; dpo the same for chosen and rejected;
+rl the prompt with the assistant generation header, plus answers.json. sft/dpo documents
+longer than max_seq_len are truncated and counted as truncated_docs.
+
+validation.fraction sends each record to val with that probability, drawn from (seed, the
+file's content hash, the record's position): the same file splits the same way in every
+config with the same seed. validation.path sends a whole file to val instead.
+
+Several processes may prepare the same config at once: each writes a private temp dir and
+the first rename wins. In distributed training, let rank 0 prepare, then have every rank
+call load_prepared(..., require_existing=True) after a barrier.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.formats import read_records
+from data.mixture import REPO_ROOT, DataConfig, SourceConfig, load_data_config
+from data.store import META, PairedStore, StoreWriter, TokenStore
+from data.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "prepared"
+SPLITS = ("train", "val")
+DPO_SIDES = ("chosen", "rejected")
+RECORDS_PER_CHUNK = 2048  # records per encode_batch call: big enough to use every core
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    config: DataConfig
+    meta: dict
+    reused: bool  # True when an existing store was found and nothing was tokenized
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def weights(self) -> list[float]:
+        """The mixture's sampling weights, to pass to the training loader."""
+        return self.config.weights
+
+    def split(self, name: str = "train") -> TokenStore | PairedStore:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r} (valid: {', '.join(SPLITS)})")
+        if self.kind == "dpo":
+            return PairedStore(*(TokenStore(self.root / name / side) for side in DPO_SIDES))
+        return TokenStore(self.root / name)
+
+
+# ---------------------------------------------------------------- cache key
+
+def file_fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    content_hash = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            content_hash.update(block)
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": content_hash.hexdigest()}
+
+
+def input_files(config: DataConfig) -> list[Path]:
+    files = [source.path for source in config.sources]
+    return files + ([config.validation.path] if config.validation.path else [])
+
+
+def cache_ingredients(config: DataConfig, tokenizer: Tokenizer) -> dict:
+    """Everything the stores depend on; its sha256 is the cache key."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config.resolved(),
+        "files": [file_fingerprint(path) for path in input_files(config)],
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "special_tokens": tokenizer.special_tokens},
+    }
+
+
+def cache_key(ingredients: dict) -> str:
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def config_name(config: DataConfig) -> str:
+    """Readable store-name prefix: config/data/posttrain/sft/general.yaml -> posttrain-sft-general."""
+    if config.config_file is None:
+        return config.kind
+    config_root = REPO_ROOT / "config" / "data"
+    file = config.config_file
+    relative = file.relative_to(config_root) if file.is_relative_to(config_root) else Path(file.name)
+    return "-".join(relative.with_suffix("").parts)
+
+
+def stale_stores(cache_dir: Path, config: DataConfig, current: Path) -> list[Path]:
+    """Stores prepared earlier from the same config file, before its inputs or tokenizer changed."""
+    stale = []
+    for directory in sorted(cache_dir.glob(f"{config_name(config)}-*")):
+        meta_file = directory / META
+        if directory != current and meta_file.is_file():
+            if json.loads(meta_file.read_text(encoding="utf-8")).get("config_file") == str(config.config_file):
+                stale.append(directory)
+    return stale
+
+
+# ---------------------------------------------------------------- tokenization
+
+def tokenize_chunk(kind: str, records: list, tokenizer: Tokenizer) -> list[list[tuple[list, list]]]:
+    """Per record, one (ids, loss_mask) per store it feeds: two for dpo, one otherwise."""
+    if kind == "pretrain":
+        bos, eos = tokenizer.bos_id, tokenizer.eos_id
+        return [[([bos] + ids + [eos], np.ones(len(ids) + 2, dtype=np.uint8))]
+                for ids in tokenizer.encode_batch(records)]
+    if kind == "sft":
+        return [[tokenizer.render_chat(messages)] for messages in records]
+    if kind == "dpo":
+        return [[tokenizer.render_chat(chosen), tokenizer.render_chat(rejected)] for chosen, rejected in records]
+    return [[tokenizer.render_chat(messages, add_generation_prompt=True)] for messages, _ in records]
+
+
+def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writers, split_of):
+    """Stream one jsonl file into the split writers; returns what was read and filtered."""
+    min_length, max_length = source.min_length, source.max_length
+    records = itertools.islice(read_records(source.path, config.kind), source.max_samples)
+    truncates = config.kind in ("sft", "dpo")  # pretrain docs are packed, rl prompts must stay whole
+    read = filtered = 0
+    while chunk := [record for _, record in itertools.islice(records, RECORDS_PER_CHUNK)]:
+        read += len(chunk)
+        splits = split_of(len(chunk))
+        for record, sides, split in zip(chunk, tokenize_chunk(config.kind, chunk, tokenizer), splits):
+            lengths = [len(ids) for ids, _ in sides]
+            if (min_length is not None and min(lengths) < min_length) or \
+                    (max_length is not None and max(lengths) > max_length):
+                filtered += 1
+                continue
+            answer = record[1] if config.kind == "rl" else None
+            for writer, (ids, mask) in zip(writers[split], sides):
+                truncated = truncates and len(ids) > config.max_seq_len
+                end = config.max_seq_len if truncated else len(ids)
+                writer.append(ids[:end], mask[:end], source_index, truncated, answer)
+    return {"path": str(source.path), "records": read, "filtered_docs": filtered}
+
+
+def _random_splits(seed, file_sha256, fraction):
+    """split_of(n) for the next n records of a file: one draw per record from a stream seeded by
+    the file's content, so a record lands in the same split in every config that reads the file
+    with this seed (midtrain's replay of pretrain data never trains on pretrain's validation)."""
+    draws = np.random.default_rng([seed, int(file_sha256[:16], 16)])
+    return lambda n: np.where(draws.random(n) < fraction, "val", "train")
+
+
+def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ingredients: dict) -> dict:
+    started = time.time()
+    pad_id = tokenizer.pad_id  # fail before tokenizing, not after, when the tokenizer has none
+    train_paths = [str(source.path) for source in config.sources]
+    val_paths = [str(config.validation.path)] if config.validation.path else train_paths
+    sides = DPO_SIDES if config.kind == "dpo" else ("",)
+    writers = {
+        split: [StoreWriter(directory / split / side, tokenizer.vocab_size, paths) for side in sides]
+        for split, paths in (("train", train_paths), ("val", val_paths))
+    }
+    key = cache_key(ingredients)
+    sources = []
+    for index, source in enumerate(config.sources):
+        split_of = _random_splits(config.seed, ingredients["files"][index]["sha256"], config.validation.fraction)
+        sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of))
+    if config.validation.path:
+        validation = SourceConfig(path=config.validation.path, weight=1.0)
+        sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n))
+
+    splits = {}
+    for split, split_writers in writers.items():
+        # pad_id travels with the store: the loader pads with it and needs no tokenizer.
+        metas = [writer.finish({"key": key, "kind": config.kind, "split": split, "side": side or None,
+                                "pad_id": pad_id},
+                               with_answers=config.kind == "rl")
+                 for writer, side in zip(split_writers, sides)]
+        splits[split] = dict(zip(sides, metas)) if config.kind == "dpo" else metas[0]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "kind": config.kind,
+        "config_file": str(config.config_file),
+        "config": config.resolved(),
+        "tokenizer": {"path": tokenizer.name_or_path, "fingerprint": tokenizer.fingerprint,
+                      "vocab_size": tokenizer.vocab_size, "special_tokens": tokenizer.special_tokens},
+        "files": ingredients["files"],
+        "sources": sources,
+        "splits": splits,
+        "prepare_seconds": round(time.time() - started, 3),
+    }
+    (directory / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+# ---------------------------------------------------------------- public API
+
+def _as_config(config) -> DataConfig:
+    return config if isinstance(config, DataConfig) else load_data_config(config)
+
+
+def _store_dir(config, tokenizer, cache_dir):
+    ingredients = cache_ingredients(config, tokenizer)
+    directory = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{config_name(config)}-{cache_key(ingredients)[:16]}"
+    return directory, ingredients
+
+
+def _open(directory, config, reused):
+    meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    return PreparedData(root=directory, config=config, meta=meta, reused=reused)
+
+
+def prepare(config, tokenizer: Tokenizer, cache_dir=None) -> PreparedData:
+    """Tokenize the mixture into the cache, or reuse the store when its key matches."""
+    config = _as_config(config)
+    directory, ingredients = _store_dir(config, tokenizer, cache_dir)
+    if (directory / META).is_file():
+        return _open(directory, config, reused=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # A private temp dir renamed into place: a killed prepare leaves only a .tmp-* directory.
+    temporary = directory.parent / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_stores(temporary, config, tokenizer, ingredients)
+        try:
+            temporary.rename(directory)
+        except OSError:
+            if not (directory / META).is_file():
+                raise
+            shutil.rmtree(temporary)  # another process finished the same store first
+            return _open(directory, config, reused=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return _open(directory, config, reused=False)
+
+
+def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, cache_dir=None) -> PreparedData:
+    """The prepared store for this config and tokenizer.
+
+    require_existing=True (what --use_prepared means) never tokenizes: a missing or stale
+    store is an error that says which command prepares it.
+    """
+    config = _as_config(config)
+    if not require_existing:
+        return prepare(config, tokenizer, cache_dir)
+    directory, _ = _store_dir(config, tokenizer, cache_dir)
+    if (directory / META).is_file():
+        return _open(directory, config, reused=True)
+    stale = stale_stores(directory.parent, config, directory)
+    reason = (f"the store at {stale[-1]} is stale: the data files, the config or the tokenizer changed since it "
+              f"was prepared" if stale else f"nothing prepared in {directory.parent} for it")
+    raise FileNotFoundError(
+        f"{config.config_file}: no prepared data for this config and tokenizer {tokenizer.name_or_path} "
+        f"(expected {directory}); {reason}. Run: python -m data.prepare --data_config {config.config_file} "
+        f"--tokenizer {tokenizer.name_or_path}" + (f" --cache_dir {cache_dir}" if cache_dir else ""))
+
+
+def _describe(counts):
+    return (f"docs {counts['docs']:,}  tokens {counts['tokens']:,}  supervised {counts['supervised_tokens']:,}  "
+            f"truncated {counts['truncated_docs']:,}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_config", required=True, help="data-mixture YAML, e.g. config/data/pretrain/demo.yaml")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER_DIR), help="tokenizer directory")
+    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
+    args = parser.parse_args()
+    started = time.time()
+    prepared = prepare(load_data_config(args.data_config), load_tokenizer(args.tokenizer), args.cache_dir)
+    print(f"{'reused' if prepared.reused else 'prepared'} {prepared.root} ({time.time() - started:.1f}s)")
+    for split, counts in prepared.meta["splits"].items():
+        for side, side_counts in (counts.items() if prepared.kind == "dpo" else [("", counts)]):
+            print(f"  {split:5s} {side:8s} {_describe(side_counts)}")
+
+
+if __name__ == "__main__":
+    main()

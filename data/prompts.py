@@ -1,0 +1,47 @@
+"""Prompt batches for RL (PPO): the rl store's prompts and reference answers, laid out per epoch
+and per rank exactly like training batches (data/layout.py)."""
+
+from data.layout import EMPTY_ROW, check_loader_options, epoch_documents, rank_batches
+from data.store import TokenStore
+
+
+class PromptLoader:
+    """Yields {"prompt_ids": [[int]], "answers": [str | None], "doc_index": [int]} per batch.
+
+    prompt_ids end with '<|im_start|>assistant\\n': generation continues from there.
+    """
+
+    def __init__(self, store: TokenStore, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 weights=None, drop_last: bool = True):
+        check_loader_options(store, batch_size, rank, world_size, weights)
+        if store.answers is None:
+            raise ValueError(f"{store!r} is not an rl store (it has no answers.json)")
+        self.store = store
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.weights, self.drop_last = weights, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def batches(self, epoch: int):
+        documents = epoch_documents(self.store.source, self.seed, epoch, self.weights)
+        rows = rank_batches(len(documents), self.batch_size, self.rank, self.world_size, self.drop_last)
+        return [[int(documents[row]) for row in batch if row != EMPTY_ROW] for batch in rows]
+
+    def __len__(self):
+        return len(self.batches(self.epoch))
+
+    def __iter__(self):
+        return self.iterate(self.epoch)
+
+    def iterate(self, epoch: int, start_batch: int = 0):
+        batches = self.batches(epoch)
+        if not 0 <= start_batch <= len(batches):
+            raise ValueError(f"start_batch {start_batch} is not in [0, {len(batches)}]")
+        for documents in batches[start_batch:]:
+            yield {
+                "prompt_ids": [self.store.doc(i)[0].astype(int).tolist() for i in documents],
+                "answers": [self.store.answers[i] for i in documents],
+                "doc_index": documents,
+            }

@@ -1,0 +1,40 @@
+"""Run a stage script the way users do (the deepspeed launcher, CPU ranks) and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
+              env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(free_port()),
+               str(REPO_ROOT / "train" / f"{stage}.py"), "--deepspeed", f"ds_configs/zero{zero}.json",
+               "--out_dir", str(out_dir), *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
+                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_run_config(out_dir: Path) -> dict:
+    return json.loads((out_dir / "run_config.json").read_text())
