@@ -25,6 +25,7 @@ def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: 
                "--out_dir", str(out_dir), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}  # None: unset it
     result = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"

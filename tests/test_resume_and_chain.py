@@ -1,0 +1,93 @@
+"""Checkpoints, resume, W&B offline and the stage chain, through real launcher runs on CPU ranks."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.launch import read_metrics, read_run_config, run_stage
+from train.config import parse_config
+from train.trainer import resolve_from_weight
+
+SHORT_RUN = ["--model", "tiny", "--batch_size", "4", "--accumulation_steps", "2", "--log_interval", "1",
+             "--eval_interval", "0", "--eval_batches", "1", "--throughput_warmup_steps", "1"]
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_resumed_run_continues_the_uninterrupted_loss_curve(tmp_path, zero):
+    straight = tmp_path / "straight"
+    run_stage("pretrain", straight, *SHORT_RUN, "--max_steps", "6", "--save_interval", "3",
+              "--keep_checkpoints", "3", zero=zero)
+    reference = read_metrics(straight)
+
+    # The state a crash right after step 3's checkpoint leaves behind.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    (resumed / "checkpoints" / "latest").write_text("step_00000003")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:3]
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    result = run_stage("pretrain", resumed, *SHORT_RUN, "--max_steps", "6", "--save_interval", "3",
+                       "--keep_checkpoints", "3", "--from_resume", zero=zero)
+    assert "resumed from" in result.stdout and "step 3" in result.stdout
+    records = read_metrics(resumed)
+    assert [r["train/global_step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(records[3:], reference[3:]):
+        assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-6)
+        assert ours["train/grad_norm"] == pytest.approx(theirs["train/grad_norm"], rel=1e-6)
+        assert ours["train/learning_rate"] == pytest.approx(theirs["train/learning_rate"], rel=1e-9)
+        assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
+        assert ours["train/epoch"] == pytest.approx(theirs["train/epoch"])
+
+
+def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(tmp_path):
+    run_stage("pretrain", tmp_path, *SHORT_RUN, "--max_steps", "6", "--save_interval", "2",
+              "--keep_checkpoints", "2", world_size=1, zero="0")
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (checkpoints / "latest").read_text() == "step_00000006"
+    assert (checkpoints / "step_00000006" / "rng_rank0.pt").is_file()
+
+
+def test_wandb_defaults_to_offline_and_logs_the_contract(tmp_path):
+    out_dir = tmp_path / "run"
+    env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None}  # no key, no mode: offline
+    result = run_stage("sft", out_dir, *SHORT_RUN, "--from_weight", "none", "--max_steps", "3",
+                       "--save_interval", "0", "--use_wandb", world_size=1, zero="0", env=env)
+    assert "W&B disabled" not in result.stdout + result.stderr
+    runs = list((out_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out_dir / "wandb").iterdir())
+    # The offline run file stores each logged item as its key and its JSON-encoded value, in plain bytes.
+    run_file = next(runs[0].glob("*.wandb")).read_bytes()
+    for record in read_metrics(out_dir):
+        for key, value in record.items():
+            assert key.encode() in run_file, key
+            if value is not None:
+                assert json.dumps(value).encode() in run_file, (key, value)
+
+
+def test_stage_chain_starts_each_stage_from_the_previous_export(tmp_path):
+    common = [*SHORT_RUN, "--max_steps", "2", "--save_interval", "0", "--out_root", str(tmp_path)]
+    for stage in ("pretrain", "midtrain", "sft"):
+        run_stage(stage, tmp_path / stage, *common, world_size=1, zero="0")
+    for stage, previous in (("midtrain", "pretrain"), ("sft", "midtrain")):
+        config = read_run_config(tmp_path / stage)
+        assert config["from_weight_path"] == str(tmp_path / previous / "export")
+        before = load_file(tmp_path / previous / "export" / "model.safetensors")
+        after = load_file(tmp_path / stage / "export" / "model.safetensors")
+        assert before.keys() == after.keys()
+        assert any(not (before[k] == after[k]).all() for k in before)  # the stage trained
+
+
+def test_missing_from_weight_names_the_stage_to_run_first(tmp_path):
+    cfg = parse_config({"stage": "sft", "data_config": "x.yaml"}, ["--out_root", str(tmp_path),
+                                                                  "--from_weight", "midtrain"])
+    with pytest.raises(ValueError, match=r"no exported weights at .*midtrain/export; run the midtrain stage first "
+                                         r"\(bash launch/run_midtrain.sh"):
+        resolve_from_weight(cfg)
+    cfg = parse_config({"stage": "sft", "data_config": "x.yaml"}, ["--from_weight", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="holds no model.safetensors"):
+        resolve_from_weight(cfg)
