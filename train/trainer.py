@@ -254,6 +254,29 @@ class Trainer:
             print(f"exported weights to {path}", flush=True)
         distributed.barrier()
 
+    def _after_step(self, epoch_step: int, done: bool) -> None:
+        """Log, evaluate and checkpoint as they fall due after an optimizer step."""
+        cfg = self.cfg
+
+        def due(interval: int) -> bool:
+            return bool(interval) and self.global_step % interval == 0
+
+        evaluate = due(cfg.eval_interval) or done
+        save = due(cfg.save_interval) or done
+        # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
+        if cfg.metrics and (due(cfg.log_interval) or evaluate or save):
+            record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
+            if evaluate:
+                record.update(self.evaluate())
+            self._log(record, epoch_step)
+        if save:
+            if epoch_step == self.steps_per_epoch:
+                self._save(resume_epoch=self.epoch + 1, resume_batch=0)
+            else:
+                self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
+        if evaluate or save:
+            self.metrics.restart_rate_clock()  # evaluation and saving are not training throughput
+
     def train(self) -> list[dict]:
         cfg = self.cfg
         started = time.perf_counter()
@@ -269,22 +292,7 @@ class Trainer:
                 self._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
                 epoch_step += 1
                 done = self.global_step >= self.total_steps
-                at = lambda interval: interval and self.global_step % interval == 0
-                evaluate = at(cfg.eval_interval) or done
-                save = at(cfg.save_interval) or done
-                # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
-                if cfg.metrics and (at(cfg.log_interval) or evaluate or save):
-                    record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
-                    if evaluate:
-                        record.update(self.evaluate())
-                    self._log(record, epoch_step)
-                if save:
-                    if epoch_step == self.steps_per_epoch:
-                        self._save(resume_epoch=self.epoch + 1, resume_batch=0)
-                    else:
-                        self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
-                if evaluate or save:
-                    self.metrics.restart_rate_clock()  # evaluation and saving are not training throughput
+                self._after_step(epoch_step, done)
             if epoch_step == self.steps_per_epoch:
                 self.epoch += 1
                 self.next_batch = 0
