@@ -10,6 +10,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+# Keys every training log line carries (docs/metrics.md).
+CONTRACT = ["train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/global_step",
+            "train/tokens_per_second", "train/samples_per_second", "train/steps_per_second",
+            "train/num_input_tokens_seen", "train/num_supervised_tokens_seen", "train/mfu_percent",
+            "train/tflops_per_device", "train/eta_minutes", "system/epoch_time", "system/step_time_s",
+            "system/peak_memory_gb", "train/skipped_steps"]
 
 
 def free_port() -> int:

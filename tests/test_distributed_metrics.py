@@ -18,17 +18,12 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, load_pretrained, training_flops
-from tests.launch import REPO_ROOT, read_metrics, read_run_config, run_stage
+from tests.launch import CONTRACT, REPO_ROOT, read_metrics, read_run_config, run_stage
 from train.trainer import seed_everything
 
 DATA_CONFIG = "config/data/posttrain/sft/general.yaml"
 GLOBAL_ROWS, ACCUMULATION, STEPS, EVAL_BATCHES, SEED = 8, 2, 3, 2, 42
 RUNS = [(1, "0"), (1, "3"), (2, "0"), (2, "1"), (2, "2"), (2, "3")]
-CONTRACT = ["train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/global_step",
-            "train/tokens_per_second", "train/samples_per_second", "train/steps_per_second",
-            "train/num_input_tokens_seen", "train/num_supervised_tokens_seen", "train/mfu_percent",
-            "train/tflops_per_device", "train/eta_minutes", "system/epoch_time", "system/step_time_s",
-            "system/peak_memory_gb", "train/skipped_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +31,7 @@ def data():
     tokenizer = load_tokenizer()
     config = load_data_config(REPO_ROOT / DATA_CONFIG)
     prepared = load_prepared(config, tokenizer)  # also leaves the store ready for the runs
+
     def loader(split, drop_last=True, weights=None):
         return BatchLoader(prepared.split(split), GLOBAL_ROWS, config.max_seq_len, 0, 1, SEED, "padded",
                            weights=weights, drop_last=drop_last)

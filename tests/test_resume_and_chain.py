@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.launch import read_metrics, read_run_config, run_stage
+from tests.launch import CONTRACT, REPO_ROOT, free_port, read_metrics, read_run_config, run_stage
 from train.config import parse_config
 from train.trainer import resolve_from_weight
 
@@ -91,3 +94,20 @@ def test_missing_from_weight_names_the_stage_to_run_first(tmp_path):
     cfg = parse_config({"stage": "sft", "data_config": "x.yaml"}, ["--from_weight", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="holds no model.safetensors"):
         resolve_from_weight(cfg)
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_launch_script_writes_every_contract_key_finite_on_every_line(tmp_path, zero):
+    env = {**os.environ, "ZERO_STAGE": zero, "MASTER_PORT": str(free_port())}
+    result = subprocess.run(["bash", "launch/run_sft.sh", "--from_weight", "none", "--max_steps", "8",
+                             "--log_interval", "4", "--eval_interval", "4", "--eval_batches", "1",
+                             "--out_dir", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    console = [line for line in result.stdout.splitlines() if line.startswith("Epoch:[1/1]")]
+    assert [line.split()[1] for line in console] == ["step:4", "step:8"]
+    records = read_metrics(tmp_path)
+    assert read_run_config(tmp_path)["zero_stage"] == int(zero) and read_run_config(tmp_path)["world_size"] == 2
+    for record in records:
+        for key in CONTRACT + ["eval/loss", "eval/perplexity"]:
+            assert record[key] is not None and math.isfinite(record[key]), (record["train/global_step"], key)

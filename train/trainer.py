@@ -76,8 +76,15 @@ def all_ranks_reduce(value: float, op: str) -> float:
     return tensor.item() / (distributed.world_size() if op == "mean" else 1)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return tensor
+    # From pinned memory the copy is queued; from pageable memory it would wait for the stream (a host sync).
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Trainer:
@@ -171,7 +178,7 @@ class Trainer:
         # Normalise by the whole step's loss units over all ranks, so every token (or pair) weighs the same
         # whatever micro-batch it landed in. DeepSpeed divides by accumulation steps and averages gradients
         # over ranks; the factor undoes both.
-        step_weight = torch.tensor(float(sum(weights)), dtype=torch.float32, device=self.device)
+        step_weight = host_to_device(torch.tensor(float(sum(weights))), self.device)
         if self.world_size > 1:
             dist.all_reduce(step_weight)
         scale = (self.world_size * cfg.accumulation_steps) / step_weight.clamp_min(1.0)

@@ -1,0 +1,116 @@
+"""The metrics tracker and the logging back-ends in one process: windows, unknown values, failing back-ends."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from train.loggers import JsonlLogger, Logger, MultiLogger, console_line
+from train.metrics import BatchStats, MetricsTracker
+
+
+def tracker(**overrides) -> MetricsTracker:
+    options = dict(world_size=1, device=torch.device("cpu"), peak_flops=1e12, total_steps=10, warmup_steps=1)
+    return MetricsTracker(**{**options, **overrides})
+
+
+def add_step(metrics: MetricsTracker, loss_sum: float, tokens: int, grad_norm=1.0, applied=True):
+    stats = BatchStats(input_tokens=tokens + 3, supervised_tokens=tokens, samples=2, model_flops=1e9)
+    metrics.add_micro_batch(torch.tensor(loss_sum), tokens, stats)
+    metrics.add_optimizer_step(None if grad_norm is None else torch.tensor(grad_norm), applied)
+
+
+def test_loss_is_token_weighted_over_the_window_and_counts_accumulate():
+    metrics = tracker(warmup_steps=0)
+    add_step(metrics, loss_sum=10.0, tokens=5)
+    add_step(metrics, loss_sum=30.0, tokens=15)
+    record = metrics.collect(global_step=2, learning_rate=1e-3)
+    assert record["train/loss"] == pytest.approx(40.0 / 20)  # not the mean of 2.0 and 2.0 by batch, by token
+    assert record["train/num_supervised_tokens_seen"] == 20
+    assert record["train/num_input_tokens_seen"] == 26
+    add_step(metrics, loss_sum=4.0, tokens=4)
+    record = metrics.collect(global_step=3, learning_rate=1e-3)
+    assert record["train/loss"] == pytest.approx(1.0)
+    assert record["train/num_input_tokens_seen"] == 33
+
+
+def test_rates_are_null_during_warm_up_then_cover_only_later_steps():
+    metrics = tracker(warmup_steps=2)
+    add_step(metrics, 1.0, 10)
+    first = metrics.collect(global_step=1, learning_rate=1e-3)
+    assert first["train/tokens_per_second"] is None and first["train/mfu_percent"] is None
+    assert first["train/eta_minutes"] is None
+    add_step(metrics, 1.0, 10)  # the last warm-up step: starts the rate window
+    add_step(metrics, 1.0, 10)
+    add_step(metrics, 1.0, 10)
+    record = metrics.collect(global_step=4, learning_rate=1e-3)
+    step_time = record["system/step_time_s"]
+    assert record["train/steps_per_second"] == pytest.approx(1 / step_time)
+    assert record["train/tokens_per_second"] == pytest.approx(13 / step_time)  # 2 steps of 13 tokens / 2 steps
+    assert record["train/tflops_per_device"] == pytest.approx(1e9 / step_time / 1e12)
+    assert record["train/mfu_percent"] == pytest.approx(100 * 1e9 / step_time / 1e12)
+    assert record["train/eta_minutes"] == pytest.approx(6 * step_time / 60)
+
+
+def test_skipped_step_counts_and_its_norm_is_null_not_stale():
+    metrics = tracker()
+    add_step(metrics, 1.0, 10, grad_norm=2.5)
+    assert metrics.collect(global_step=1, learning_rate=1e-3)["train/grad_norm"] == pytest.approx(2.5)
+    add_step(metrics, 1.0, 10, grad_norm=2.5, applied=False)  # an fp16 overflow leaves DeepSpeed's value stale
+    record = metrics.collect(global_step=2, learning_rate=1e-3)
+    assert record["train/grad_norm"] is None
+    assert record["train/skipped_steps"] == 1
+
+
+def test_unknown_norm_and_unknown_peak_are_null_with_one_warning(capsys):
+    metrics = tracker(peak_flops=None, warmup_steps=0)
+    add_step(metrics, 1.0, 10, grad_norm=None)
+    add_step(metrics, 1.0, 10, grad_norm=None)
+    first = metrics.collect(global_step=2, learning_rate=1e-3)
+    add_step(metrics, 1.0, 10, grad_norm=None)
+    metrics.collect(global_step=3, learning_rate=1e-3)
+    assert first["train/grad_norm"] is None and first["train/mfu_percent"] is None
+    assert first["train/tflops_per_device"] > 0  # FLOP/s are known; only the ratio to a peak is not
+    err = capsys.readouterr().err
+    assert err.count("grad norm unknown") == 1 and err.count("peak FLOP/s unknown") == 1
+
+
+def test_non_finite_grad_norm_is_null():
+    metrics = tracker()
+    add_step(metrics, 1.0, 10, grad_norm=float("inf"))
+    assert metrics.collect(global_step=1, learning_rate=1e-3)["train/grad_norm"] is None
+
+
+class Exploding(Logger):
+    name = "exploding"
+
+    def __init__(self):
+        self.calls = 0
+
+    def log(self, record, step):
+        self.calls += 1
+        raise ConnectionError("server unreachable")
+
+
+def test_a_failing_backend_warns_once_and_the_others_keep_logging(tmp_path, capsys):
+    exploding = Exploding()
+    jsonl = JsonlLogger(tmp_path / "metrics.jsonl")
+    loggers = MultiLogger([exploding, jsonl])
+    with pytest.warns(UserWarning, match="exploding logging failed at step 1"):
+        loggers.log({"train/loss": 1.0, "train/grad_norm": math.nan}, step=1)
+    loggers.log({"train/loss": 0.5}, step=2)
+    loggers.close()
+    assert exploding.calls == 1
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"train/loss": 1.0, "train/grad_norm": None}, {"train/loss": 0.5}]
+
+
+def test_console_line_shows_unknown_values_as_na():
+    line = console_line({"progress/epoch_index": 0, "progress/epochs": 2, "progress/epoch_step": 29,
+                         "progress/steps_per_epoch": 297, "train/global_step": 29, "train/loss": 4.63,
+                         "train/learning_rate": 5e-8, "train/grad_norm": 0.82, "train/tokens_per_second": None,
+                         "train/mfu_percent": 2.514, "train/eta_minutes": 3.14})
+    assert line == ("Epoch:[1/2](29/297) step:29 loss:4.6300 lr:5.00e-08 grad_norm:0.820 tokens/s:n/a "
+                    "MFU:2.51% eta:3.1min")
