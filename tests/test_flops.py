@@ -26,25 +26,15 @@ def counted_flops(preset: str, batch: int, seq_len: int, backward: bool) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 @pytest.mark.parametrize("preset,batch,seq_len", CASES)
-def test_forward_flops_match_flop_counter(preset, batch, seq_len):
+def test_flops_match_flop_counter(preset, batch, seq_len, backward):
     config = ModelConfig.from_preset(preset)
-    analytic = forward_flops(config, [seq_len] * batch, causal=False)
-    measured = counted_flops(preset, batch, seq_len, backward=False)
+    analytic = (training_flops if backward else forward_flops)(config, [seq_len] * batch, causal=False)
+    measured = counted_flops(preset, batch, seq_len, backward=backward)
     relative = measured / analytic - 1
-    print(f"forward {preset} B={batch} T={seq_len}: counter {measured:,} analytic {analytic:,} "
-          f"relative difference {relative:+.3%}")
-    assert abs(relative) < TOLERANCE
-
-
-@pytest.mark.parametrize("preset,batch,seq_len", CASES)
-def test_training_flops_match_flop_counter(preset, batch, seq_len):
-    config = ModelConfig.from_preset(preset)
-    analytic = training_flops(config, [seq_len] * batch, causal=False)
-    measured = counted_flops(preset, batch, seq_len, backward=True)
-    relative = measured / analytic - 1
-    print(f"forward+backward {preset} B={batch} T={seq_len}: counter {measured:,} analytic {analytic:,} "
-          f"relative difference {relative:+.3%}")
+    print(f"{'forward+backward' if backward else 'forward'} {preset} B={batch} T={seq_len}: counter {measured:,} "
+          f"analytic {analytic:,} relative difference {relative:+.3%}")
     assert abs(relative) < TOLERANCE
 
 

@@ -111,3 +111,24 @@ def test_launch_script_writes_every_contract_key_finite_on_every_line(tmp_path, 
     for record in records:
         for key in CONTRACT + ["eval/loss", "eval/perplexity"]:
             assert record[key] is not None and math.isfinite(record[key]), (record["train/global_step"], key)
+
+
+def test_epochs_of_a_subsampled_mixture_each_run_their_own_length(tmp_path):
+    """Subsampling a source gives each epoch a different token count, so a different number of packed steps."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jumbo box".split()
+    for name, offset in (("a", 0), ("b", 7)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for i in range(40):
+                text = " ".join(words[(i + offset + j) % len(words)] for j in range(3 + (i * 7) % 50))
+                handle.write(json.dumps({"text": text}) + "\n")
+    data_config = tmp_path / "mixture.yaml"
+    data_config.write_text(f"kind: pretrain\nmax_seq_len: 32\nsources:\n  - {{path: {tmp_path}/a.jsonl, weight: 0.75}}\n"
+                           f"  - {{path: {tmp_path}/b.jsonl, weight: 0.25}}\nvalidation: {{fraction: 0.1}}\nseed: 3\n")
+    out_dir = tmp_path / "run"
+    run_stage("pretrain", out_dir, "--data_config", str(data_config), "--model", "tiny", "--batch_size", "2",
+              "--epochs", "3", "--log_interval", "1000", "--eval_batches", "1", world_size=1, zero="0")
+    steps_per_epoch = read_run_config(out_dir)["steps_per_epoch"]
+    assert len(set(steps_per_epoch)) > 1, steps_per_epoch
+    last = read_metrics(out_dir)[-1]
+    assert last["train/global_step"] == sum(steps_per_epoch)
+    assert last["train/epoch"] == pytest.approx(3.0)

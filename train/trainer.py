@@ -100,12 +100,14 @@ class Trainer:
         self.model = build_model(cfg, source)
         self.model_config: ModelConfig = self.model.config
         self.data = build_data(cfg, stage, self.model_config, distributed.rank(), self.world_size)
-        self.steps_per_epoch = len(self.data.train) // cfg.accumulation_steps
-        if self.steps_per_epoch == 0:
+        # Per epoch: a weighted mixture that subsamples a source packs a different token count each epoch.
+        self.epoch_steps = [len(self.data.train.batches(epoch)) // cfg.accumulation_steps
+                            for epoch in range(cfg.epochs)]
+        if min(self.epoch_steps) == 0:
             raise ConfigError(f"--batch_size {cfg.batch_size} × --accumulation_steps {cfg.accumulation_steps} × "
                               f"{self.world_size} ranks needs more data than {cfg.data_config} holds "
                               f"({len(self.data.train)} micro-batches per rank per epoch)")
-        planned = cfg.epochs * self.steps_per_epoch
+        planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
 
         self.dtype = resolve_dtype(cfg.dtype)
@@ -155,7 +157,7 @@ class Trainer:
             "train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds_config,
             "world_size": self.world_size, "zero_stage": self.zero_stage, "dtype": self.dtype,
             "peak_flops": describe(self.peak), "total_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch, "parameters": num_params(self.model_config),
+            "steps_per_epoch": self.epoch_steps, "parameters": num_params(self.model_config),
             "grad_norm_source": "own full-gradient norm" if self.own_grad_norm else "engine.get_global_grad_norm()",
             "data": self.data.describe(),
         }
@@ -169,7 +171,7 @@ class Trainer:
         (self.out_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
               f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
-              f"({self.steps_per_epoch}/epoch), peak: {self.peak.basis}", flush=True)
+              f"({self.epoch_steps[0]} in the first epoch), peak: {self.peak.basis}", flush=True)
 
     # ----- the loop -----
     def _optimizer_step(self, micro_batches: list[dict]) -> None:
@@ -239,9 +241,10 @@ class Trainer:
         return record
 
     def _log(self, record: dict, epoch_step: int) -> None:
-        record["train/epoch"] = self.epoch + epoch_step / self.steps_per_epoch
+        steps_per_epoch = self.epoch_steps[self.epoch]
+        record["train/epoch"] = self.epoch + epoch_step / steps_per_epoch
         record.update({"progress/epoch_index": self.epoch, "progress/epochs": self.cfg.epochs,
-                       "progress/epoch_step": epoch_step, "progress/steps_per_epoch": self.steps_per_epoch})
+                       "progress/epoch_step": epoch_step, "progress/steps_per_epoch": steps_per_epoch})
         if self.logger is not None:
             self.logger.log(record, self.global_step)
             self.history.append(record)
@@ -277,7 +280,7 @@ class Trainer:
                 record.update(self.evaluate())
             self._log(record, epoch_step)
         if save:
-            if epoch_step == self.steps_per_epoch:
+            if epoch_step == self.epoch_steps[self.epoch]:
                 self._save(resume_epoch=self.epoch + 1, resume_batch=0)
             else:
                 self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
@@ -295,12 +298,12 @@ class Trainer:
             start_batch = self.next_batch
             batches = self.data.train.iterate(self.epoch, start_batch=start_batch)
             epoch_step = start_batch // cfg.accumulation_steps
-            while epoch_step < self.steps_per_epoch and not done:
+            while epoch_step < self.epoch_steps[self.epoch] and not done:
                 self._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
                 epoch_step += 1
                 done = self.global_step >= self.total_steps
                 self._after_step(epoch_step, done)
-            if epoch_step == self.steps_per_epoch:
+            if epoch_step == self.epoch_steps[self.epoch]:
                 self.epoch += 1
                 self.next_batch = 0
         self._export()
