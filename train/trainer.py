@@ -171,7 +171,8 @@ class Trainer:
         (self.out_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
               f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
-              f"({self.epoch_steps[0]} in the first epoch), peak: {self.peak.basis}", flush=True)
+              f"({self.epoch_steps[0]} in the first epoch), {self.data.mode} rows of {self.data.seq_len} tokens "
+              f"with {config['data']['padding_fraction']:.1%} padding; peak: {self.peak.basis}", flush=True)
 
     # ----- the loop -----
     def _optimizer_step(self, micro_batches: list[dict]) -> None:
