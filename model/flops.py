@@ -11,8 +11,9 @@ N = num_layers, each token costs, per layer:
     SwiGLU FFN            3 · 2·H·I               (gate, up, down)
     or MoE FFN            2·H·E + (k + S) · 3 · 2·H·I   (router, then only the active experts)
 
-plus once per token at the top: LM head 2·H·V. Embedding lookups, norms, RoPE, softmax and
-residual adds are not matmuls and are not counted.
+plus once per token at the top: LM head 2·H·V (a stage that reads log-probabilities at some
+positions only computes logits there: `lm_head_tokens`). Embedding lookups, norms, RoPE, softmax
+and residual adds are not matmuls and are not counted.
 
 Attention scores depend on how tokens group into documents, not on the token count alone.
 A document of length L costs, per layer,
@@ -45,8 +46,11 @@ def matmul_flops_per_token(config: ModelConfig) -> int:
         ffn = router + (config.num_experts_per_tok + config.num_shared_experts) * swiglu
     else:
         ffn = swiglu
-    lm_head = 2 * hidden * config.vocab_size
-    return config.num_layers * (q_and_o + k_and_v + ffn) + lm_head
+    return config.num_layers * (q_and_o + k_and_v + ffn) + lm_head_flops_per_token(config)
+
+
+def lm_head_flops_per_token(config: ModelConfig) -> int:
+    return 2 * config.hidden_size * config.vocab_size
 
 
 def attention_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
@@ -56,10 +60,17 @@ def attention_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> in
     return full // 2 if causal else full
 
 
-def forward_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
-    """Forward FLOPs for a batch whose documents have these lengths (list, tuple or 1-D tensor)."""
+def forward_flops(config: ModelConfig, doc_lengths, causal: bool = True, lm_head_tokens: int | None = None) -> int:
+    """Forward FLOPs for a batch whose documents have these lengths (list, tuple or 1-D tensor).
+
+    lm_head_tokens: how many positions the LM head projects (None: every token).
+    """
     lengths = _lengths(doc_lengths)
-    return matmul_flops_per_token(config) * sum(lengths) + attention_flops(config, lengths, causal)
+    tokens = sum(lengths)
+    head_tokens = tokens if lm_head_tokens is None else lm_head_tokens
+    head = lm_head_flops_per_token(config)
+    body = (matmul_flops_per_token(config) - head) * tokens
+    return body + head * head_tokens + attention_flops(config, lengths, causal)
 
 
 def training_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:

@@ -54,6 +54,9 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
         state_dict = load_file(weights_path, device=str(map_location))
     except SafetensorError as error:
         raise ValueError(f"corrupt weights file {weights_path}: {error}") from error
+    if "value_head.weight" in state_dict:
+        raise ValueError(f"{directory} holds a reward model (it has a value head), not a language model; "
+                         f"load it with model.value_head.load_reward_model")
 
     if config.tie_embeddings:
         for name, source in Transformer.tied_weights.items():

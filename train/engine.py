@@ -124,6 +124,38 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_
     return engine
 
 
+def frozen_copy(engine, ds_config: dict, device: torch.device):
+    """A never-trained copy of the engine's model with its current weights, in inference mode: under ZeRO-3 an
+    engine without optimizer that partitions it like the trained model, else a plain module on the device."""
+    import deepspeed
+
+    module = engine.module
+    replica = type(module)(module.config)
+    targets = dict(replica.named_parameters())
+    for name, param in module.named_parameters():
+        # One parameter at a time: a ZeRO-3 rank never holds more than its shards plus the largest tensor.
+        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage(ds_config) == 3):
+            targets[name].data.copy_(param.data)
+    replica.requires_grad_(False).eval()
+    if zero_stage(ds_config) < 3:
+        return replica.to(device)
+    inference = copy.deepcopy(ds_config)
+    inference["zero_optimization"].pop("offload_optimizer", None)
+    reference, *_ = deepspeed.initialize(model=replica, config=inference)
+    reference.eval()
+    return reference
+
+
+def local_numel(model) -> int:
+    """Parameter elements this rank holds: its shards under ZeRO-3, everything otherwise."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in unwrap(model).parameters())
+
+
+def unwrap(model) -> torch.nn.Module:
+    """The module behind a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
 def deepspeed_reports_grad_norm(engine) -> bool:
     """ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not."""
     return hasattr(engine.optimizer, "_global_grad_norm")

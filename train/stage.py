@@ -1,17 +1,25 @@
-"""What a stage is: its data, its loss, its FLOPs and its extra metrics. The loop lives in train/trainer.py.
+"""What a stage is: its data, its model, its loss, its FLOPs and its extra metrics. The loop lives in
+train/trainer.py.
 
-The language-model stage here serves pretrain, midtrain and SFT, which differ only by configuration.
+The language-model stage here serves pretrain, midtrain and SFT, which differ only by configuration;
+PairedStage is what DPO and the reward model share.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, forward_flops
+from model import ModelConfig, Transformer, forward_flops, load_pretrained, save_state_dict
+from train.config import ConfigError, TrainConfig
 from train.metrics import BatchStats
+
+if TYPE_CHECKING:
+    from train.trainer import Trainer
 
 IGNORE_INDEX = -100
 
@@ -30,11 +38,43 @@ def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.unique_consecutive(keys, return_counts=True)[1]
 
 
+def build_language_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
+    """The exported weights at `source`, else a fresh model of the --model preset or config directory."""
+    if source is not None:
+        return load_pretrained(source)
+    model_path = cfg.resolve_path(cfg.model)
+    if (model_path / "config.json").is_file():
+        config = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
+    else:
+        try:
+            config = ModelConfig.from_preset(cfg.model)
+        except ValueError as error:
+            raise ConfigError(f"--model: {error} (or a directory holding config.json)") from None
+    return Transformer(config)
+
+
 class Stage:
     """Interface every stage implements; see LanguageModelStage for the reference one."""
     name: str = "stage"
     data_kind: str = "pretrain"
     default_packing: str = "padded"
+    config_class: type[TrainConfig] = TrainConfig  # a subclass adds the stage's own flags
+    loss_unit: str = "token"  # what train/loss and eval/loss average over; perplexity only means something per token
+
+    def build_model(self, cfg: TrainConfig, source: Optional[Path]) -> torch.nn.Module:
+        """The model to train (exposing `.config`), from --from_weight's export or fresh."""
+        return build_language_model(cfg, source)
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Called once the engine exists and before a resume loads a checkpoint (extra models are made here)."""
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """The CPU micro-batch as the stage reads it, before it is counted and moved to the device."""
+        return batch
+
+    def export(self, state_dict: dict, model_config: ModelConfig, directory: Path) -> Path:
+        """Write the consolidated weights where the next stage's --from_weight finds them."""
+        return save_state_dict(state_dict, model_config, directory)
 
     def loss_weight(self, batch: dict) -> int:
         """The micro-batch's count of loss units, known before the forward (the step's normaliser)."""
@@ -73,3 +113,29 @@ class LanguageModelStage(Stage):
         loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return LossOutput(loss_sum=loss_sum, aux_loss=output.aux_loss)
+
+
+class PairedStage(Stage):
+    """Preference pairs: [2B, T] rows, the B chosen answers then the B rejected answers of the same prompts.
+
+    prepare_batch drops the padding columns every row has (the demo's pairs fill a tenth of max_seq_len), and
+    notes the number of real pairs: evaluation completes its last batch with all-padding pairs.
+    """
+    data_kind = "dpo"
+    default_packing = "padded"
+    loss_unit = "pair"
+
+    def prepare_batch(self, batch: dict) -> dict:
+        used = (batch["doc_ids"] >= 0).any(dim=0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        batch = {name: value[:, :width] for name, value in batch.items()}
+        batch["pairs"] = int(self.real_pairs(batch).sum())
+        return batch
+
+    def loss_weight(self, batch: dict) -> int:
+        return batch["pairs"]
+
+    @staticmethod
+    def real_pairs(batch: dict) -> torch.Tensor:
+        """[B] bool: the pairs that are not padding (wherever the batch is)."""
+        return batch["doc_ids"][: batch["doc_ids"].shape[0] // 2, 0] >= 0

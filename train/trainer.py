@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import ModelConfig, Transformer, load_pretrained, num_params, save_state_dict
+from model import ModelConfig, num_params
 from train import checkpoint, distributed
 from train.config import REPO_ROOT, ConfigError, TrainConfig, parse_config
 from train.data_loading import build_data
@@ -46,20 +46,6 @@ def resolve_from_weight(cfg: TrainConfig) -> Optional[Path]:
         raise ConfigError(f"--from_weight {cfg.from_weight}: {path} holds no model.safetensors; give none, a "
                           f"stage name ({', '.join(STAGE_ORDER)}) or a directory written by a stage's export")
     return path
-
-
-def build_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
-    if source is not None:
-        return load_pretrained(source)
-    model_path = cfg.resolve_path(cfg.model)
-    if (model_path / "config.json").is_file():
-        config = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
-    else:
-        try:
-            config = ModelConfig.from_preset(cfg.model)
-        except ValueError as error:
-            raise ConfigError(f"--model: {error} (or a directory holding config.json)") from None
-    return Transformer(config)
 
 
 def seed_everything(seed: int) -> None:
@@ -97,7 +83,7 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
         source = resolve_from_weight(cfg)
-        self.model = build_model(cfg, source)
+        self.model = stage.build_model(cfg, source)
         self.model_config: ModelConfig = self.model.config
         self.data = build_data(cfg, stage, self.model_config, distributed.rank(), self.world_size)
         # Per epoch: a weighted mixture that subsamples a source packs a different token count each epoch.
@@ -115,6 +101,7 @@ class Trainer:
         self.zero_stage = zero_stage(self.ds_config)
         self.engine = initialize(self.model, cfg, self.ds_config, self.total_steps)
         self.own_grad_norm = not deepspeed_reports_grad_norm(self.engine)
+        stage.setup(self)  # before _resume: extra models start from the initial weights, not the resumed ones
 
         self.peak = device_peak(self.dtype, cfg.peak_tflops, REPO_ROOT / ".cache", all_ranks_reduce)
         self.metrics = MetricsTracker(world_size=self.world_size, device=self.device,
@@ -177,6 +164,7 @@ class Trainer:
     # ----- the loop -----
     def _optimizer_step(self, micro_batches: list[dict]) -> None:
         cfg, engine, stage = self.cfg, self.engine, self.stage
+        micro_batches = [stage.prepare_batch(batch) for batch in micro_batches]
         weights = [stage.loss_weight(batch) for batch in micro_batches]
         # Normalise by the whole step's loss units over all ranks, so every token (or pair) weighs the same
         # whatever micro-batch it landed in. DeepSpeed divides by accumulation steps and averages gradients
@@ -220,6 +208,7 @@ class Trainer:
         for index, batch in enumerate(self.data.val.iterate(0)):
             if self.cfg.eval_batches and index >= self.cfg.eval_batches:
                 break
+            batch = self.stage.prepare_batch(batch)
             output = self.stage.loss(self.engine, to_device(batch, self.device))
             loss_sum += output.loss_sum.double()
             weight += self.stage.loss_weight(batch)
@@ -235,7 +224,8 @@ class Trainer:
             dist.all_reduce(packed)
         totals = packed.tolist()
         loss = totals[0] / totals[1] if totals[1] else None
-        record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700)) if loss is not None else None}
+        per_token = loss is not None and self.stage.loss_unit == "token"
+        record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700)) if per_token else None}
         for i, name in enumerate(names):
             count = totals[2 + len(names) + i]
             record[f"eval/{name}"] = totals[2 + i] / count if count else None
@@ -261,7 +251,7 @@ class Trainer:
     def _export(self) -> None:
         state = checkpoint.consolidated_state_dict(self.engine, self.zero_stage)
         if distributed.is_main():
-            path = save_state_dict(state, self.model_config, self.out_dir / EXPORT_DIR)
+            path = self.stage.export(state, self.model_config, self.out_dir / EXPORT_DIR)
             print(f"exported weights to {path}", flush=True)
         distributed.barrier()
 
@@ -322,12 +312,14 @@ class Trainer:
         summary = {"stage": self.stage.name, "final_loss": last.get("train/loss"), "eval_loss": last.get("eval/loss"),
                    "global_step": self.global_step, "tokens_seen": self.metrics.tokens_seen,
                    "mean_tokens_per_second": mean("train/tokens_per_second"),
-                   "mean_mfu_percent": mean("train/mfu_percent"), "wall_time_s": wall_seconds}
+                   "mean_mfu_percent": mean("train/mfu_percent"), "wall_time_s": wall_seconds,
+                   "eval": {key: value for key, value in last.items() if key.startswith("eval/")}}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"[{self.stage.name}] done: {json.dumps(summary)}", flush=True)
 
 
 def main(stage: Stage, defaults: dict, argv: Optional[list[str]] = None) -> list[dict]:
     """Entry point of a stage script: its defaults, then --config YAML, then flags."""
-    cfg = parse_config({"stage": stage.name, **defaults}, argv, description=f"zerostage {stage.name} stage")
+    cfg = parse_config({"stage": stage.name, **defaults}, argv, cls=stage.config_class,
+                       description=f"zerostage {stage.name} stage")
     return Trainer(stage, cfg).train()
