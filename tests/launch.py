@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,16 +27,41 @@ def free_port() -> int:
 
 def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
               env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(free_port()),
+    port = free_port()
+    command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port),
                str(REPO_ROOT / "train" / f"{stage}.py"), "--deepspeed", f"ds_configs/zero{zero}.json",
                "--out_dir", str(out_dir), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
-    full_env = {key: value for key, value in full_env.items() if value is not None}  # None: unset it
-    result = subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_command(command, full_env, port, check, timeout)
+
+
+def run_launch_script(stage: str, *args: str, zero: str, env: dict | None = None,
+                      timeout: int = 600) -> subprocess.CompletedProcess:
+    """`bash launch/run_<stage>.sh ARGS` as users start it: 2 CPU ranks, ZERO_STAGE from the environment."""
+    port = free_port()
+    full_env = {**os.environ, "ZERO_STAGE": zero, "MASTER_PORT": str(port),
+                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
+    return run_command(["bash", f"launch/run_{stage}.sh", *args], full_env, port, True, timeout)
+
+
+def run_command(command: list[str], env: dict, port: int, check: bool, timeout: int) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session, so a timeout kills its ranks too instead of leaving them running."""
+    env = {key: value for key, value in env.items() if value is not None}  # None: unset it
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)} ran past {timeout}s:\n{stdout[-4000:]}\n{stderr[-6000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the run left DeepSpeed's shared-memory buffers behind: {leaked}"
     return result
 
 

@@ -6,9 +6,7 @@ World size 1 runs micro-batches of 8 pairs, world size 2 of 4: the global batch 
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
 from itertools import islice
 
 import pytest
@@ -20,7 +18,7 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, forward_flops, load_pretrained, load_reward_model, save_pretrained
-from tests.launch import CONTRACT, REPO_ROOT, free_port, read_metrics, read_run_config, run_stage
+from tests.launch import CONTRACT, REPO_ROOT, read_metrics, read_run_config, run_launch_script, run_stage
 
 DATA_CONFIG = "config/data/posttrain/dpo/demo.yaml"
 PAIRS, ACCUMULATION, STEPS, SEED, BETA = 8, 2, 3, 42, 0.1
@@ -42,12 +40,7 @@ def launch(stage: str, out_dir, out_root, world_size: int, zero: str) -> str:
     """ZeRO-3 at two ranks goes through the launch script, as users start it; the others through run_stage."""
     if (world_size, zero) != (2, "3"):
         return run_stage(stage, out_dir, *stage_args(out_root, world_size), world_size=world_size, zero=zero).stdout
-    env = {**os.environ, "ZERO_STAGE": zero, "MASTER_PORT": str(free_port()), "WANDB_MODE": "offline"}
-    result = subprocess.run(["bash", f"launch/run_{stage}.sh", "--out_dir", str(out_dir),
-                             *stage_args(out_root, world_size)], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    return run_launch_script(stage, "--out_dir", str(out_dir), *stage_args(out_root, world_size), zero=zero).stdout
 
 
 @pytest.fixture(scope="module")

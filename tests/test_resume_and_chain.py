@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.launch import CONTRACT, REPO_ROOT, free_port, read_metrics, read_run_config, run_stage
+from tests.launch import CONTRACT, read_metrics, read_run_config, run_launch_script, run_stage
 from train.config import parse_config
 from train.trainer import resolve_from_weight
 
@@ -98,12 +96,8 @@ def test_missing_from_weight_names_the_stage_to_run_first(tmp_path):
 
 @pytest.mark.parametrize("zero", ["2", "3"])
 def test_launch_script_writes_every_contract_key_finite_on_every_line(tmp_path, zero):
-    env = {**os.environ, "ZERO_STAGE": zero, "MASTER_PORT": str(free_port())}
-    result = subprocess.run(["bash", "launch/run_sft.sh", "--from_weight", "none", "--max_steps", "8",
-                             "--log_interval", "4", "--eval_interval", "4", "--eval_batches", "1",
-                             "--out_dir", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_launch_script("sft", "--from_weight", "none", "--max_steps", "8", "--log_interval", "4",
+                               "--eval_interval", "4", "--eval_batches", "1", "--out_dir", str(tmp_path), zero=zero)
     console = [line for line in result.stdout.splitlines() if line.startswith("Epoch:[1/1]")]
     assert [line.split()[1] for line in console] == ["step:4", "step:8"]
     records = read_metrics(tmp_path)

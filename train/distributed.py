@@ -44,8 +44,28 @@ def init_distributed() -> None:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
+        _unlink_shm_allreduce_buffer()
     if device_type() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    Under the deepspeed launcher on CPU, each rank creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>
+    _<rank> (about 70 MB) and never unlinks it, so every run leaves its buffers in RAM until reboot. Unlinking
+    after the barrier keeps the mappings valid for this run and frees the memory when its processes exit,
+    however they exit.
+    """
+    if device_type() != "cpu":
+        return
+    barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass  # no shared-memory path (ranks on several nodes, a lone process, or torchrun)
 
 
 def rank() -> int:
