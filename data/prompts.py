@@ -29,6 +29,10 @@ class PromptLoader:
         rows = rank_batches(len(documents), self.batch_size, self.rank, self.world_size, self.drop_last)
         return [[int(documents[row]) for row in batch if row != EMPTY_ROW] for batch in rows]
 
+    def padding_fraction(self, epoch: int | None = None) -> None:
+        """Unknown here: prompts are padded per batch when they are generated from, not laid out in rows."""
+        return None
+
     def __len__(self):
         return len(self.batches(self.epoch))
 

@@ -73,6 +73,21 @@ def forward_flops(config: ModelConfig, doc_lengths, causal: bool = True, lm_head
     return body + head * head_tokens + attention_flops(config, lengths, causal)
 
 
+def generation_flops(config: ModelConfig, prompt_lengths, response_lengths, causal: bool = True) -> int:
+    """Forward FLOPs of KV-cache decoding (model/generate.py), row by row: the prefill of the prompt (LM head at
+    its last position only), then one single-token forward per generated token but the last, which attends to
+    every cached key: at context c, N · 4·c·nh·d. Padding and finished rows still in the batch are not counted.
+    """
+    per_token = matmul_flops_per_token(config)
+    per_key = 4 * config.num_layers * config.num_heads * config.head_dim
+    total = 0
+    for prompt, response in zip(_lengths(prompt_lengths), _lengths(response_lengths)):
+        total += forward_flops(config, [prompt], causal, lm_head_tokens=1)
+        steps = max(response - 1, 0)  # the forward at context prompt + j feeds generated token j (1-based)
+        total += steps * per_token + per_key * (steps * prompt + steps * (steps + 1) // 2)
+    return total
+
+
 def training_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
     """Forward + backward FLOPs: 3 × forward."""
     return 3 * forward_flops(config, doc_lengths, causal)

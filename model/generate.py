@@ -64,7 +64,9 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, eos_token_id, pad_tok
     cache = KVCache(model.config.num_layers, capacity=input_ids.shape[1] + max_new_tokens)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     doc_ids = torch.where(prompt_mask, 0, -1)
-    logits = model(input_ids, doc_ids=doc_ids, position_ids=positions, kv_cache=cache).logits[:, -1]
+    # Only the last position's logits are sampled from: the LM head runs there alone.
+    hidden = model(input_ids, doc_ids=doc_ids, position_ids=positions, kv_cache=cache, return_hidden=True).hidden
+    logits = model.logits_from_hidden(hidden[:, -1])
     next_position = positions[:, -1:] + 1
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []

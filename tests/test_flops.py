@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ModelConfig, Transformer, attention_flops, forward_flops, training_flops
+from model import ModelConfig, Transformer, attention_flops, forward_flops, generate, generation_flops, training_flops
 
 # (preset, batch, seq_len): the larger presets run short sequences to stay fast.
 CASES = [("tiny", 2, 64), ("small", 1, 32), ("tiny-moe", 2, 64), ("moe", 1, 32)]
@@ -61,3 +61,17 @@ def test_doc_lengths_accept_tensor_and_tuple():
     expected = forward_flops(config, lengths)
     assert forward_flops(config, tuple(lengths)) == expected
     assert forward_flops(config, torch.tensor(lengths)) == expected
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_generation_flops_match_flop_counter(preset):
+    """KV-cache decoding of one prompt (no padding, so every counted matmul is useful work), forced to run all
+    its steps: prefill with the LM head at the last position, then one single-token forward per new token."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset(preset, attn_impl="math"))
+    prompt, new_tokens = torch.randint(0, model.config.vocab_size, (1, 23)), 9
+    with FlopCounterMode(display=False) as counter:
+        generation = generate(model, prompt, new_tokens, temperature=1.0, eos_token_id=None)
+    assert generation.lengths.tolist() == [new_tokens]
+    analytic = generation_flops(model.config, [23], [new_tokens], causal=False)
+    assert counter.get_total_flops() == analytic

@@ -48,10 +48,13 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it."""
+def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int,
+         extra_engines: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. `extra_engines` (name -> engine, e.g. PPO's critic) go in subfolders."""
     tag = tag_for(global_step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    for name, extra in (extra_engines or {}).items():
+        extra.save_checkpoint(str(checkpoint_dir / tag), tag=name, save_latest=False)
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
@@ -68,7 +71,7 @@ def latest_tag(checkpoint_dir: Path) -> Optional[str]:
     return path.read_text().strip() if path.is_file() else None
 
 
-def load(engine, checkpoint_dir: Path) -> tuple[str, dict]:
+def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> tuple[str, dict]:
     """Collective. Returns (tag, client_state) of the latest checkpoint; restores this rank's RNG."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
@@ -78,6 +81,10 @@ def load(engine, checkpoint_dir: Path) -> tuple[str, dict]:
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"--from_resume: DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
+    for name, extra in (extra_engines or {}).items():
+        if extra.load_checkpoint(str(checkpoint_dir / tag), tag=name, load_optimizer_states=True,
+                                 load_lr_scheduler_states=True)[0] is None:
+            raise RuntimeError(f"--from_resume: DeepSpeed could not load the {name} of {checkpoint_dir / tag}")
     rng_file = checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

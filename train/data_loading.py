@@ -8,7 +8,6 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from data.loader import BatchLoader
 from data.mixture import load_data_config
 from data.prepare import PreparedData, load_prepared
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -21,8 +20,8 @@ from train.config import ConfigError, TrainConfig
 class StageData:
     tokenizer: Tokenizer
     prepared: PreparedData
-    train: BatchLoader
-    val: Optional[BatchLoader]
+    train: object  # the stage's loader (Stage.make_loader)
+    val: Optional[object]
     mode: str
     seq_len: int
 
@@ -75,11 +74,10 @@ def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, wo
                           f"max_seq_len {model_config.max_seq_len}")
     prepared = _prepare_on_one_rank_per_node(data_config, tokenizer, cfg.use_prepared)
     mode = stage.default_packing if cfg.packing == "auto" else cfg.packing
-    train = BatchLoader(prepared.split("train"), cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode,
-                        weights=prepared.weights)
+    train = stage.make_loader(prepared.split("train"), cfg, seq_len, rank, world_size, mode, weights=prepared.weights)
     val_store = prepared.split("val")
     val = None
     if len(val_store):
         # Every validation document once; the last batches are completed with padding rows, not dropped.
-        val = BatchLoader(val_store, cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode, drop_last=False)
+        val = stage.make_loader(val_store, cfg, seq_len, rank, world_size, mode, drop_last=False)
     return StageData(tokenizer, prepared, train, val, mode, seq_len)

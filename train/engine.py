@@ -125,25 +125,38 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_
 
 
 def frozen_copy(engine, ds_config: dict, device: torch.device):
-    """A never-trained copy of the engine's model with its current weights, in inference mode: under ZeRO-3 an
-    engine without optimizer that partitions it like the trained model, else a plain module on the device."""
-    import deepspeed
-
+    """A never-trained copy of the engine's model with its current weights, in inference mode (`frozen`)."""
     module = engine.module
     replica = type(module)(module.config)
-    targets = dict(replica.named_parameters())
-    for name, param in module.named_parameters():
+    copy_weights(module, replica, zero_stage(ds_config) == 3)
+    return frozen(replica, ds_config, device)
+
+
+@torch.no_grad()
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module, partitioned: bool) -> None:
+    """Copy the full weights of `source` (ZeRO-3 partitioned or not) into the same-shaped plain `target`."""
+    import deepspeed
+
+    targets = dict(target.named_parameters())
+    for name, param in source.named_parameters():
         # One parameter at a time: a ZeRO-3 rank never holds more than its shards plus the largest tensor.
-        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage(ds_config) == 3):
+        with deepspeed.zero.GatheredParameters([param], enabled=partitioned):
             targets[name].data.copy_(param.data)
-    replica.requires_grad_(False).eval()
+
+
+def frozen(module: torch.nn.Module, ds_config: dict, device: torch.device):
+    """A model that is only run forward (reference, reward model): under ZeRO-3 an engine without optimizer that
+    partitions it like the trained model, else the plain module on the device."""
+    import deepspeed
+
+    module.requires_grad_(False).eval()
     if zero_stage(ds_config) < 3:
-        return replica.to(device)
+        return module.to(device)
     inference = copy.deepcopy(ds_config)
     inference["zero_optimization"].pop("offload_optimizer", None)
-    reference, *_ = deepspeed.initialize(model=replica, config=inference)
-    reference.eval()
-    return reference
+    engine, *_ = deepspeed.initialize(model=module, config=inference)
+    engine.eval()
+    return engine
 
 
 def local_numel(model) -> int:

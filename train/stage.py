@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+from data.loader import BatchLoader
 from model import ModelConfig, Transformer, forward_flops, load_pretrained, save_state_dict
 from train.config import ConfigError, TrainConfig
 from train.metrics import BatchStats
@@ -60,6 +61,28 @@ class Stage:
     default_packing: str = "padded"
     config_class: type[TrainConfig] = TrainConfig  # a subclass adds the stage's own flags
     loss_unit: str = "token"  # what train/loss and eval/loss average over; perplexity only means something per token
+
+    def make_loader(self, store, cfg: TrainConfig, seq_len: int, rank: int, world_size: int, mode: str,
+                    weights=None, drop_last: bool = True):
+        """The loader of micro-batches of cfg.batch_size rows (train split: weighted; validation: every row once)."""
+        return BatchLoader(store, cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode, weights=weights,
+                           drop_last=drop_last)
+
+    def optimizer_steps_per_step(self, cfg: TrainConfig) -> int:
+        """Optimizer steps one global step takes at most (sizes the learning-rate schedule)."""
+        return 1
+
+    def extra_engines(self) -> dict:
+        """Trained engines besides the trainer's (name -> engine), saved and resumed with its checkpoints."""
+        return {}
+
+    def train_step(self, trainer: "Trainer", micro_batches: list[dict]) -> None:
+        """One global step over the step's micro-batches: by default one optimizer step of `loss`."""
+        trainer.optimizer_step(micro_batches)
+
+    def evaluate(self, trainer: "Trainer") -> dict:
+        """eval/* metrics over the validation split: by default the stage's loss."""
+        return trainer.evaluate_loss()
 
     def build_model(self, cfg: TrainConfig, source: Optional[Path]) -> torch.nn.Module:
         """The model to train (exposing `.config`), from --from_weight's export or fresh."""

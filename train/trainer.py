@@ -32,19 +32,22 @@ STAGE_ORDER = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
 
 def resolve_from_weight(cfg: TrainConfig) -> Optional[Path]:
     """`none`, a stage name (its export under out_root) or a directory; a missing source says what to run."""
-    if cfg.from_weight == "none":
-        return None
-    if cfg.from_weight in STAGE_ORDER:
-        path = cfg.resolve_path(cfg.out_root) / cfg.from_weight / EXPORT_DIR
+    return None if cfg.from_weight == "none" else resolve_weights(cfg, "from_weight", cfg.from_weight)
+
+
+def resolve_weights(cfg: TrainConfig, option: str, value: str) -> Path:
+    """The export directory an option names: a stage name (its export under out_root) or a directory."""
+    if value in STAGE_ORDER:
+        path = cfg.resolve_path(cfg.out_root) / value / EXPORT_DIR
         if not (path / "model.safetensors").is_file():
-            raise ConfigError(f"--from_weight {cfg.from_weight}: no exported weights at {path}; run the "
-                              f"{cfg.from_weight} stage first (bash launch/run_{cfg.from_weight}.sh, or "
-                              f"python train/{cfg.from_weight}.py) with the same --out_root")
+            raise ConfigError(f"--{option} {value}: no exported weights at {path}; run the {value} stage first "
+                              f"(bash launch/run_{value}.sh, or python train/{value}.py) with the same --out_root")
         return path
-    path = cfg.resolve_path(cfg.from_weight)
+    path = cfg.resolve_path(value)
     if not (path / "model.safetensors").is_file():
-        raise ConfigError(f"--from_weight {cfg.from_weight}: {path} holds no model.safetensors; give none, a "
-                          f"stage name ({', '.join(STAGE_ORDER)}) or a directory written by a stage's export")
+        raise ConfigError(f"--{option} {value}: {path} holds no model.safetensors; give a stage name "
+                          f"({', '.join(STAGE_ORDER)}) or a directory written by a stage's export"
+                          + ("" if option != "from_weight" else ", or none"))
     return path
 
 
@@ -99,8 +102,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype)
         self.ds_config = build_ds_config(cfg, self.world_size, self.dtype)
         self.zero_stage = zero_stage(self.ds_config)
-        self.engine = initialize(self.model, cfg, self.ds_config, self.total_steps)
-        self.own_grad_norm = not deepspeed_reports_grad_norm(self.engine)
+        self.engine = initialize(self.model, cfg, self.ds_config, self.total_steps * stage.optimizer_steps_per_step(cfg))
         stage.setup(self)  # before _resume: extra models start from the initial weights, not the resumed ones
 
         self.peak = device_peak(self.dtype, cfg.peak_tflops, REPO_ROOT / ".cache", all_ranks_reduce)
@@ -117,7 +119,7 @@ class Trainer:
 
     # ----- set-up helpers -----
     def _resume(self) -> None:
-        tag, state = checkpoint.load(self.engine, self.checkpoint_dir)
+        tag, state = checkpoint.load(self.engine, self.checkpoint_dir, self.stage.extra_engines())
         self.global_step = state["global_step"]
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
         self.metrics.load_state_dict(state["metrics"])
@@ -145,7 +147,8 @@ class Trainer:
             "world_size": self.world_size, "zero_stage": self.zero_stage, "dtype": self.dtype,
             "peak_flops": describe(self.peak), "total_steps": self.total_steps,
             "steps_per_epoch": self.epoch_steps, "parameters": num_params(self.model_config),
-            "grad_norm_source": "own full-gradient norm" if self.own_grad_norm else "engine.get_global_grad_norm()",
+            "grad_norm_source": "engine.get_global_grad_norm()" if deepspeed_reports_grad_norm(self.engine)
+            else "own full-gradient norm",
             "data": self.data.describe(),
         }
 
@@ -156,47 +159,61 @@ class Trainer:
         config = self.run_config()
         config["from_weight_path"] = str(source) if source else None
         (self.out_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+        padding = config["data"]["padding_fraction"]
+        padding = "unknown" if padding is None else f"{padding:.1%}"
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
               f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
               f"({self.epoch_steps[0]} in the first epoch), {self.data.mode} rows of {self.data.seq_len} tokens "
-              f"with {config['data']['padding_fraction']:.1%} padding; peak: {self.peak.basis}", flush=True)
+              f"with {padding} padding; peak: {self.peak.basis}", flush=True)
 
     # ----- the loop -----
-    def _optimizer_step(self, micro_batches: list[dict]) -> None:
+    def loss_scale(self, local_weight: float) -> torch.Tensor:
+        """The factor that turns a micro-batch's loss sum into its share of the step's objective.
+
+        The objective is normalised by the whole step's loss units over all ranks, so every token (or pair) weighs
+        the same whatever micro-batch it landed in. DeepSpeed divides by accumulation steps and averages
+        gradients over ranks; the factor undoes both.
+        """
+        step_weight = host_to_device(torch.tensor(float(local_weight)), self.device)
+        if self.world_size > 1:
+            dist.all_reduce(step_weight)
+        return (self.world_size * self.cfg.accumulation_steps) / step_weight.clamp_min(1.0)
+
+    def backward_step(self, engine, objective: torch.Tensor) -> Optional[torch.Tensor]:
+        """engine.backward and engine.step; at the accumulation boundary, the step's pre-clip global gradient
+        norm (None elsewhere, or when unknown)."""
+        engine.backward(objective)
+        boundary = engine.is_gradient_accumulation_boundary()
+        reports = deepspeed_reports_grad_norm(engine)
+        grad_norm = full_gradient_norm(engine) if boundary and not reports and self.cfg.metrics else None
+        engine.step()
+        if boundary and reports:
+            reported = engine.get_global_grad_norm()
+            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
+        return grad_norm
+
+    def optimizer_step(self, micro_batches: list[dict]) -> None:
+        """One optimizer step of the stage's loss over the step's micro-batches (Stage.train_step's default)."""
         cfg, engine, stage = self.cfg, self.engine, self.stage
         micro_batches = [stage.prepare_batch(batch) for batch in micro_batches]
         weights = [stage.loss_weight(batch) for batch in micro_batches]
-        # Normalise by the whole step's loss units over all ranks, so every token (or pair) weighs the same
-        # whatever micro-batch it landed in. DeepSpeed divides by accumulation steps and averages gradients
-        # over ranks; the factor undoes both.
-        step_weight = host_to_device(torch.tensor(float(sum(weights))), self.device)
-        if self.world_size > 1:
-            dist.all_reduce(step_weight)
-        scale = (self.world_size * cfg.accumulation_steps) / step_weight.clamp_min(1.0)
-        grad_norm, learning_rate = None, engine.get_lr()[0]
+        scale = self.loss_scale(sum(weights))
+        grad_norm = None
         for batch, weight in zip(micro_batches, weights):
             stats = stage.batch_stats(batch, self.model_config) if cfg.metrics else None
             output = stage.loss(engine, to_device(batch, self.device))
             objective = output.loss_sum * scale
             if output.aux_loss is not None:
                 objective = objective + output.aux_loss
-            engine.backward(objective)
-            if self.own_grad_norm and engine.is_gradient_accumulation_boundary() and cfg.metrics:
-                grad_norm = full_gradient_norm(engine)
-            engine.step()
+            grad_norm = self.backward_step(engine, objective)
             if cfg.metrics:
                 self.metrics.add_micro_batch(output.loss_sum, weight, stats, output.aux_loss, output.extras)
-        applied = engine.was_step_applied()
-        if not self.own_grad_norm:
-            reported = engine.get_global_grad_norm()
-            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
-        self.metrics.add_optimizer_step(grad_norm, applied)
-        self.learning_rate = learning_rate
-        self.global_step += 1
+        self.metrics.add_optimizer_step(grad_norm, engine.was_step_applied())
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Token-weighted loss (and stage extras) over the validation split, reduced over ranks."""
+    def evaluate_loss(self) -> dict:
+        """Token-weighted loss (and stage extras) over the validation split, reduced over ranks (Stage.evaluate's
+        default)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         weight = 0
         extra_sums: dict[str, torch.Tensor] = {}
@@ -244,7 +261,8 @@ class Trainer:
         """`resume_epoch`/`resume_batch`: where a resumed run picks up the data (micro-batch index)."""
         state = {"global_step": self.global_step, "epoch": resume_epoch, "next_batch": resume_batch,
                  "metrics": self.metrics.state_dict(), "wandb_id": self.wandb_id, "stage": self.stage.name}
-        path = checkpoint.save(self.engine, self.checkpoint_dir, self.global_step, state, self.cfg.keep_checkpoints)
+        path = checkpoint.save(self.engine, self.checkpoint_dir, self.global_step, state, self.cfg.keep_checkpoints,
+                               self.stage.extra_engines())
         if distributed.is_main():
             print(f"saved checkpoint {path}", flush=True)
 
@@ -268,7 +286,7 @@ class Trainer:
         if cfg.metrics and (due(cfg.log_interval) or evaluate or save):
             record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
             if evaluate:
-                record.update(self.evaluate())
+                record.update(self.stage.evaluate(self))
             self._log(record, epoch_step)
         if save:
             if epoch_step == self.epoch_steps[self.epoch]:
@@ -290,7 +308,10 @@ class Trainer:
             batches = self.data.train.iterate(self.epoch, start_batch=start_batch)
             epoch_step = start_batch // cfg.accumulation_steps
             while epoch_step < self.epoch_steps[self.epoch] and not done:
-                self._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
+                learning_rate = self.engine.get_lr()[0]  # the rate this step's updates use
+                self.stage.train_step(self, [next(batches) for _ in range(cfg.accumulation_steps)])
+                self.learning_rate = learning_rate
+                self.global_step += 1
                 epoch_step += 1
                 done = self.global_step >= self.total_steps
                 self._after_step(epoch_step, done)

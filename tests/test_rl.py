@@ -1,0 +1,172 @@
+"""PPO and GRPO: the estimators against hand computations and exact expectations, then real runs under the
+deepspeed launcher (1 and 2 CPU ranks, ZeRO 0/2/3) whose token counts are checked against the prompts themselves.
+
+The runs start from an untrained policy (it answers at full length, so every token of the accounting is exercised)
+and score with an untrained reward model whose head is random, so rewards, advantages and losses are not zero.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data.mixture import load_data_config
+from data.prepare import load_prepared
+from data.prompts import PromptLoader
+from data.tokenizer import load_tokenizer
+from model import ModelConfig, RewardModel, Transformer, save_pretrained, save_reward_model
+from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, run_stage
+from train.config import ConfigError, parse_config
+from train.grpo import GRPOConfig, group_advantages
+from train.ppo import PPOConfig
+from train.rl import clipped_policy_loss, gae, k3_kl, rule_reward
+
+DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
+PROMPTS, ACCUMULATION, STEPS, SEED, NEW_TOKENS, GROUP = 4, 2, 2, 7, 12, 2
+PPO_KEYS = ["objective/reward", "objective/kl", "objective/entropy", "policy/approxkl", "policy/clipfrac",
+            "loss/policy", "loss/value", "val/mean", "rollout/response_length", "system/rollout_time_s",
+            "system/train_time_s", "critic/grad_norm"]
+GRPO_KEYS = ["objective/reward", "objective/reward_std", "objective/kl", "objective/entropy", "policy/approxkl",
+             "policy/clip_ratio", "loss/policy", "rollout/response_length", "system/rollout_time_s",
+             "system/train_time_s"]
+
+
+# ----- the estimators -----
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1], [0.5, 0.2, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Row 0: δ = (−0.3, −0.1, 0.9); A2 = 0.9, A1 = −0.1 + 0.5·0.9 = 0.35, A0 = −0.3 + 0.5·0.35 = −0.125.
+    # Row 1 ends after two tokens: its third column (reward 5, value 9) must not leak in.
+    # δ1 = 1 − 0.2 = 0.8 = A1, A0 = −0.3 + 0.5·0.8 = 0.1.
+    torch.testing.assert_close(advantages, torch.tensor([[-0.125, 0.35, 0.9], [0.1, 0.8, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.375, 0.55, 1.0], [0.6, 1.0, 0.0]]))
+
+
+def test_gae_with_discount_matches_the_sum_of_discounted_deltas():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.ones(3, 6)
+    gamma, lam = 0.9, 0.8
+    advantages, _ = gae(rewards, values, mask, gamma, lam)
+    next_values = torch.cat([values[:, 1:], torch.zeros(3, 1)], dim=1)
+    deltas = rewards + gamma * next_values - values
+    expected = torch.stack([sum((gamma * lam) ** (k - t) * deltas[:, k] for k in range(t, 6)) for t in range(6)], 1)
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_k3_estimator_is_exactly_the_kl_in_expectation():
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(50), torch.randn(50)
+    p, q = torch.distributions.Categorical(logits=p_logits), torch.distributions.Categorical(logits=q_logits)
+    expectation = (p.probs * k3_kl(p.logits, q.logits)).sum()
+    torch.testing.assert_close(expectation, torch.distributions.kl_divergence(p, q))
+    assert (k3_kl(p.logits, q.logits) >= 0).all() and k3_kl(p.logits, p.logits).abs().max() == 0
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(4)
+    logps = torch.log(torch.tensor([1.5, 0.5, 1.5, 1.1]))  # ratios
+    advantages = torch.tensor([1.0, 1.0, -1.0, -2.0])
+    losses, clipped = clipped_policy_loss(logps, old, advantages, clip_range=0.2)
+    # A > 0 and ρ > 1 + ε: clipped at 1.2. A > 0, ρ < 1 − ε: unclipped (the pessimistic −0.5 is larger).
+    # A < 0, ρ > 1 + ε: unclipped (1.5 is larger than 1.2). A < 0 inside the range: ρ itself.
+    torch.testing.assert_close(losses, torch.tensor([-1.2, -0.5, 1.5, 2.2]))
+    assert clipped.tolist() == [True, False, False, False]
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    advantages, std = group_advantages(scores, 2)
+    torch.testing.assert_close(std, torch.tensor([math.sqrt(0.5), 0.0]))
+    torch.testing.assert_close(advantages, torch.tensor([0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4),
+                                                         0.0, 0.0]))
+
+
+def test_rule_reward():
+    assert rule_reward(" 106 ", "106") == 1.0
+    assert rule_reward("the answer is 106", "106") == 0.5
+    assert rule_reward("107", "106") == 0.0
+    with pytest.raises(ValueError, match="no.*reference answer|without a reference answer"):
+        rule_reward("x", None)
+
+
+@pytest.mark.parametrize("cls,argv,message", [
+    (PPOConfig, ["--reward", "judge"], "--reward: 'judge' is not one of rule, model"),
+    (PPOConfig, ["--clip_range", "1.5"], "--clip_range: must be in"),
+    (PPOConfig, ["--temperature", "0"], "--temperature: rollouts sample"),
+    (GRPOConfig, ["--group_size", "1"], "--group_size: a group needs at least 2"),
+])
+def test_rl_flags_are_validated(cls, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"stage": "ppo", "data_config": DATA_CONFIG}, argv, cls=cls)
+
+
+# ----- real runs -----
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl_out")
+    torch.manual_seed(SEED)
+    config = ModelConfig.from_preset("tiny")
+    save_pretrained(Transformer(config), root / "sft" / "export")
+    reward_model = RewardModel(config)
+    torch.nn.init.normal_(reward_model.value_head.weight, std=0.5)  # a zero head would score every answer 0
+    save_reward_model(reward_model.state_dict(), config, root / "reward" / "export")
+    return root
+
+
+def prompt_tokens_per_step(world_size: int) -> list[int]:
+    """Prompt tokens of each global step, from the prompt store itself (all ranks' batches)."""
+    config = load_data_config(REPO_ROOT / DATA_CONFIG)
+    prepared = load_prepared(config, load_tokenizer())
+    per_rank = PROMPTS // world_size
+    loaders = [PromptLoader(prepared.split("train"), per_rank, rank, world_size, SEED, weights=prepared.weights)
+               for rank in range(world_size)]
+    batches = [list(loader.iterate(0)) for loader in loaders]
+    return [sum(len(prompt) for rank in range(world_size)
+                for batch in batches[rank][step * ACCUMULATION:(step + 1) * ACCUMULATION]
+                for prompt in batch["prompt_ids"])
+            for step in range(STEPS)]
+
+
+def rl_args(out_root, world_size: int) -> list[str]:
+    return ["--out_root", str(out_root), "--from_weight", "sft", "--reward", "model", "--reward_model", "reward",
+            "--batch_size", str(PROMPTS // world_size), "--accumulation_steps", str(ACCUMULATION),
+            "--max_new_tokens", str(NEW_TOKENS), "--max_steps", str(STEPS), "--log_interval", "1",
+            "--eval_interval", str(STEPS), "--eval_batches", "1", "--save_interval", "0",
+            "--throughput_warmup_steps", "0", "--seed", str(SEED), "--learning_rate", "1e-4"]
+
+
+@pytest.mark.parametrize("stage,world_size,zero", [("ppo", 1, "2"), ("ppo", 2, "3"), ("grpo", 1, "0"),
+                                                   ("grpo", 2, "2")],
+                         ids=["ppo-ws1-zero2", "ppo-ws2-zero3", "grpo-ws1-zero0", "grpo-ws2-zero2"])
+def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, out_root, stage, world_size, zero):
+    args = rl_args(out_root, world_size) + (["--group_size", str(GROUP)] if stage == "grpo" else [])
+    if world_size == 2 and zero == "3":
+        run_launch_script(stage, "--out_dir", str(tmp_path), *args, zero=zero)  # as users start it
+    else:
+        run_stage(stage, tmp_path, *args, world_size=world_size, zero=zero)
+    records = read_metrics(tmp_path)
+    assert [r["train/global_step"] for r in records] == list(range(1, STEPS + 1))
+    keys = PPO_KEYS if stage == "ppo" else GRPO_KEYS
+    for record in records:
+        for key in CONTRACT + keys:
+            assert record.get(key) is not None and math.isfinite(record[key]), (record["train/global_step"], key)
+        assert record["train/grad_norm"] > 0 and record["train/loss"] == pytest.approx(record["loss/policy"])
+        assert 1 <= record["rollout/response_length"] <= NEW_TOKENS
+        assert record["system/rollout_time_s"] + record["system/train_time_s"] <= record["system/step_time_s"] * 1.05
+    assert records[-1]["eval/reward"] is not None and records[-1]["eval/response_length"] >= 1
+
+    rows = PROMPTS * ACCUMULATION * (GROUP if stage == "grpo" else 1)
+    group = GROUP if stage == "grpo" else 1
+    tokens_seen = supervised_seen = 0
+    for record, prompt_tokens in zip(records, prompt_tokens_per_step(world_size)):
+        response_tokens = round(record["rollout/response_length"] * rows)
+        assert response_tokens == pytest.approx(record["rollout/response_length"] * rows, abs=1e-6)
+        tokens_seen += prompt_tokens * group + response_tokens
+        supervised_seen += response_tokens
+        assert record["train/num_input_tokens_seen"] == tokens_seen
+        assert record["train/num_supervised_tokens_seen"] == supervised_seen
+    assert (tmp_path / "export" / "model.safetensors").is_file()
