@@ -25,15 +25,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
-              env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def stage_command(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
+                  env: dict | None = None) -> tuple[list[str], dict, int]:
+    """The deepspeed-launcher command line, environment and port of a stage run on CPU ranks."""
     port = free_port()
     command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port),
                str(REPO_ROOT / "train" / f"{stage}.py"), "--deepspeed", f"ds_configs/zero{zero}.json",
                "--out_dir", str(out_dir), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
+    return command, {key: value for key, value in full_env.items() if value is not None}, port  # None: unset it
+
+
+def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
+              env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    command, full_env, port = stage_command(stage, out_dir, *args, world_size=world_size, zero=zero, env=env)
     return run_command(command, full_env, port, check, timeout)
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """A launcher in its own session (os.killpg reaches its ranks), its output on one pipe."""
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def run_launch_script(stage: str, *args: str, zero: str, env: dict | None = None,
@@ -49,7 +62,7 @@ def run_command(command: list[str], env: dict, port: int, check: bool, timeout: 
     """Run a launcher in its own session, so a timeout kills its ranks too instead of leaving them running."""
     env = {key: value for key, value in env.items() if value is not None}  # None: unset it
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True)  # like start(), with stderr apart
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

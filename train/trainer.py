@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ from train.engine import (build_ds_config, deepspeed_reports_grad_norm, full_gra
 from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from train.metrics import MetricsTracker
 from train.peak_flops import device_peak, describe
+from train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 from train.stage import Stage
 
 EXPORT_DIR = "export"
@@ -80,6 +83,7 @@ class Trainer:
     def __init__(self, stage: Stage, cfg: TrainConfig):
         self.stage, self.cfg = stage, cfg
         distributed.init_distributed()
+        self.preemption = PreemptionWatch()  # before the heavy set-up: a signal during it is honoured too
         seed_everything(cfg.seed)
         self.world_size, self.device = distributed.world_size(), distributed.device()
         self.out_dir = cfg.resolve_path(cfg.out_dir)
@@ -110,6 +114,7 @@ class Trainer:
                                       peak_flops=self.peak.flops_per_second, total_steps=self.total_steps,
                                       warmup_steps=cfg.throughput_warmup_steps, enabled=cfg.metrics)
         self.global_step, self.epoch, self.next_batch = 0, 0, 0
+        self.saved_step: Optional[int] = None
         self.wandb_id: Optional[str] = None
         if cfg.from_resume:
             self._resume()
@@ -289,12 +294,32 @@ class Trainer:
                 record.update(self.stage.evaluate(self))
             self._log(record, epoch_step)
         if save:
-            if epoch_step == self.epoch_steps[self.epoch]:
-                self._save(resume_epoch=self.epoch + 1, resume_batch=0)
-            else:
-                self._save(resume_epoch=self.epoch, resume_batch=epoch_step * cfg.accumulation_steps)
+            self._save_after(epoch_step)
         if evaluate or save:
             self.metrics.restart_rate_clock()  # evaluation and saving are not training throughput
+
+    def _save_after(self, epoch_step: int) -> None:
+        """Checkpoint the state after `epoch_step` optimizer steps of the current epoch."""
+        if epoch_step == self.epoch_steps[self.epoch]:
+            self._save(resume_epoch=self.epoch + 1, resume_batch=0)
+        else:
+            self._save(resume_epoch=self.epoch, resume_batch=epoch_step * self.cfg.accumulation_steps)
+        self.saved_step = self.global_step
+
+    def _stop_for_preemption(self, epoch_step: int) -> None:
+        """Every rank has finished the same step: save it (unless just saved) and exit for the launcher to requeue."""
+        if self.saved_step != self.global_step:
+            self._save_after(epoch_step)
+        if distributed.is_main():
+            print(f"stopping at step {self.global_step} on {self.preemption.signal_name()}: checkpoint saved, "
+                  f"exit {REQUEUE_EXIT_CODE} (requeue; --from_resume continues from here)", flush=True)
+            self.logger.close()
+        distributed.barrier()  # a rank that exits first makes the launcher kill the others: rank 0 closes first
+        # At once, without interpreter shutdown: that restores the default SIGTERM action, and the launcher's
+        # SIGTERM to the ranks still tearing down would then replace their 75 by death by signal.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(REQUEUE_EXIT_CODE)
 
     def train(self) -> list[dict]:
         cfg = self.cfg
@@ -315,6 +340,8 @@ class Trainer:
                 epoch_step += 1
                 done = self.global_step >= self.total_steps
                 self._after_step(epoch_step, done)
+                if not done and self.preemption.requested():
+                    self._stop_for_preemption(epoch_step)
             if epoch_step == self.epoch_steps[self.epoch]:
                 self.epoch += 1
                 self.next_batch = 0
