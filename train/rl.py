@@ -342,6 +342,10 @@ class RLStage(Stage):
             if self.cfg.eval_batches and index >= self.cfg.eval_batches:
                 break
             if not batch["prompt_ids"]:
+                if self.reward_model is not None and self.zero3:
+                    # This rank's share of the last batch is empty, but a partitioned reward model's forward
+                    # gathers with the other ranks': take part in it on one padding token.
+                    self.reward_model(torch.full((1, 1), self.pad_id, device=self.device))
                 continue
             rollout = self._layout(batch["prompt_ids"], self._generate(batch["prompt_ids"], greedy=True))
             score_sum += float(self._scores(rollout, batch["answers"]).sum())

@@ -165,11 +165,11 @@ class Trainer:
         config["from_weight_path"] = str(source) if source else None
         (self.out_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
         padding = config["data"]["padding_fraction"]
-        padding = "unknown" if padding is None else f"{padding:.1%}"
+        rows = (f"{self.data.mode} rows of {self.data.seq_len} tokens with {padding:.1%} padding" if padding is not None
+                else f"batches of {self.cfg.batch_size} prompts")
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
               f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
-              f"({self.epoch_steps[0]} in the first epoch), {self.data.mode} rows of {self.data.seq_len} tokens "
-              f"with {padding} padding; peak: {self.peak.basis}", flush=True)
+              f"({self.epoch_steps[0]} in the first epoch), {rows}; peak: {self.peak.basis}", flush=True)
 
     # ----- the loop -----
     def loss_scale(self, local_weight: float) -> torch.Tensor:
