@@ -7,6 +7,7 @@ and score with an untrained reward model whose head is random, so rewards, advan
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -170,3 +171,29 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         assert record["train/num_input_tokens_seen"] == tokens_seen
         assert record["train/num_supervised_tokens_seen"] == supervised_seen
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_ppo_resume_restores_the_critic_and_continues_the_curve(tmp_path, out_root):
+    """The critic is checkpointed beside the actor (and the sampling RNG with them): a run resumed from step 2
+    repeats the uninterrupted run's steps 3 and 4, value loss and critic norm included."""
+    args = rl_args(out_root, 1) + ["--max_steps", "4", "--save_interval", "2", "--keep_checkpoints", "2",  # last wins
+                                   "--eval_interval", "0"]
+    straight = tmp_path / "straight"
+    run_stage("ppo", straight, *args, world_size=1, zero="2")
+    reference = read_metrics(straight)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    assert (resumed / "checkpoints" / "step_00000002" / "critic").is_dir()
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:2]
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    run_stage("ppo", resumed, *args, "--from_resume", world_size=1, zero="2")
+    records = read_metrics(resumed)
+    assert [r["train/global_step"] for r in records] == [1, 2, 3, 4]
+    for ours, theirs in zip(records[2:], reference[2:]):
+        for key in ("train/loss", "loss/value", "critic/grad_norm", "train/grad_norm", "objective/reward"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+        assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
