@@ -244,8 +244,8 @@ class RLStage(Stage):
         return 3.0 * forward_flops(self.model_config, scored, lm_head_tokens=sum(rollout["response_lengths"]))
 
     # ----- the step -----
-    def advantages(self, trainer, rollouts: list[dict]) -> dict:
-        """Fill rollout["advantages"] (and what the estimator needs); return the step's extra metrics per rollout."""
+    def advantages(self, trainer, rollouts: list[dict]) -> None:
+        """Fill rollout["advantages"] [B, N] of every rollout of the step (and what the estimator needs)."""
         raise NotImplementedError
 
     def policy_loss(self, rollout: dict, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,8 +354,4 @@ class RLStage(Stage):
         score_sum, length_sum, rows = global_sum([score_sum, length_sum, rows], trainer.device)
         return {"eval/reward": score_sum / rows if rows else None,
                 "eval/response_length": length_sum / rows if rows else None}
-
-    # RLStage trains through train_step; the per-batch hooks of loss-based stages do not apply.
-    def loss_weight(self, batch: dict) -> int:
-        raise TypeError("RL stages train through train_step")
 
