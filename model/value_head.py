@@ -18,7 +18,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.flops import forward_flops
 from model.model import Transformer
-from model.weights import CONFIG_FILE, WEIGHTS_FILE
+from model.weights import CONFIG_FILE, WEIGHTS_FILE, load_strict
 
 HEAD_WEIGHT = "value_head.weight"
 
@@ -89,10 +89,4 @@ def load_reward_model(directory: str | Path, map_location: str | torch.device = 
         raise ValueError(f"{directory} is not a reward model: its weights have no {HEAD_WEIGHT} (a language model "
                          f"export?); train one with the reward stage (bash launch/run_reward.sh)")
     config = ModelConfig.from_dict(json.loads(config_path.read_text()))
-    with torch.device(map_location):
-        model = RewardModel(config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"weights in {weights_path} do not fit the model config: {error}") from error
-    return model
+    return load_strict(RewardModel, config, state_dict, weights_path, map_location)

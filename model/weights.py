@@ -62,8 +62,13 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
         for name, source in Transformer.tied_weights.items():
             if source in state_dict:
                 state_dict[name] = state_dict[source]
+    return load_strict(Transformer, config, state_dict, weights_path, map_location)
+
+
+def load_strict(model_class, config: ModelConfig, state_dict: dict, weights_path: Path, map_location):
+    """model_class(config) built on map_location with exactly these weights; a mismatch names the file."""
     with torch.device(map_location):
-        model = Transformer(config)
+        model = model_class(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
