@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -126,3 +127,40 @@ def test_epochs_of_a_subsampled_mixture_each_run_their_own_length(tmp_path):
     last = read_metrics(out_dir)[-1]
     assert last["train/global_step"] == sum(steps_per_epoch)
     assert last["train/epoch"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, damage):
+    """Rank 1's optimizer shard of the newest checkpoint is cut in half, has one byte flipped, or is gone: the
+    resume names the file, falls back to the checkpoint before it on every rank, and continues the curve."""
+    straight = tmp_path / "straight"
+    run_stage("pretrain", straight, *SHORT_RUN, "--max_steps", "6", "--save_interval", "3",
+              "--keep_checkpoints", "3", zero="2")
+    reference = read_metrics(straight)
+    manifest = json.loads((straight / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    assert "rng_rank1.pt" in manifest and all(entry["bytes"] > 0 for entry in manifest.values())
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shard = next((resumed / "checkpoints" / "step_00000006").glob("zero_pp_rank_1_*optim_states.pt"))
+    data = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":
+        middle = len(data) // 2
+        shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        shard.unlink()
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:3]
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    result = run_stage("pretrain", resumed, *SHORT_RUN, "--max_steps", "6", "--save_interval", "3",
+                       "--keep_checkpoints", "3", "--from_resume", zero="2")
+    expected = {"truncated": r"has \d+ bytes, \d+ were saved", "corrupt": "is corrupt", "missing": "is missing"}[damage]
+    assert re.search(rf"WARNING: checkpoint \S+step_00000006 is not usable: {re.escape(str(shard))} {expected}"
+                     r".*; trying the one before it", result.stdout), result.stdout[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / 'step_00000003'}: step 3," in result.stdout
+    records = read_metrics(resumed)
+    assert [r["train/global_step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(records[3:], reference[3:]):
+        assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-6)

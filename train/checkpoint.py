@@ -3,21 +3,29 @@
 Layout under <out_dir>/checkpoints: one folder per tag (`step_00000120`) and a `latest` file naming the
 newest complete one. `latest` is written last, atomically, after every rank has finished its part, so a run
 killed mid-save leaves the previous checkpoint as the one to resume from.
+
+Each folder carries manifest.json, the size and CRC-32 of every file in it, written just before `latest`.
+Resuming checks it: a truncated, corrupt or missing file is reported by path and the previous checkpoint is
+used instead. The ranks share the hashing (file i goes to rank i mod world size), on save and on load.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from train import distributed
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def tag_for(global_step: int) -> str:
@@ -48,6 +56,58 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _mine(items: list) -> list:
+    """This rank's share of a list every rank holds in the same order."""
+    return items[distributed.rank()::distributed.world_size()]
+
+
+def _gathered(part: list) -> list:
+    """The concatenation of every rank's list (one collective)."""
+    if distributed.world_size() == 1:
+        return part
+    parts = [None] * distributed.world_size()
+    dist.all_gather_object(parts, part)
+    return [item for rank_part in parts for item in rank_part]
+
+
+def _write_manifest(directory: Path) -> None:
+    """Collective: size and CRC-32 of every file of a finished save, written by rank 0."""
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    entries = _gathered([(name, (directory / name).stat().st_size, _crc32(directory / name)) for name in _mine(files)])
+    if distributed.is_main():
+        manifest = {name: {"bytes": size, "crc32": crc} for name, size, crc in sorted(entries)}
+        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def verify(directory: Path) -> list[str]:
+    """Collective: what is wrong with a checkpoint folder (nothing: an empty list), the same on every rank."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path} is missing: the save did not finish"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        return [f"{manifest_path} is unreadable: {error}"]
+    problems = []
+    for name in _mine(sorted(manifest)):
+        path, saved = directory / name, manifest[name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != saved["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {saved['bytes']} were saved (truncated?)")
+        elif _crc32(path) != saved["crc32"]:
+            problems.append(f"{path} is corrupt: its CRC-32 differs from the one saved")
+    return sorted(_gathered(problems))
+
+
 def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int,
          extra_engines: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. `extra_engines` (name -> engine, e.g. PPO's critic) go in subfolders."""
@@ -57,6 +117,7 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, kee
         extra.save_checkpoint(str(checkpoint_dir / tag), tag=name, save_latest=False)
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
+    _write_manifest(checkpoint_dir / tag)
     if distributed.is_main():
         _write_atomic(checkpoint_dir / LATEST, tag)
         tags = sorted(p.name for p in checkpoint_dir.glob("step_*") if p.is_dir())
@@ -73,10 +134,23 @@ def latest_tag(checkpoint_dir: Path) -> Optional[str]:
 
 def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> tuple[str, dict]:
     """Collective. Returns (tag, client_state) of the latest checkpoint; restores this rank's RNG."""
-    tag = latest_tag(checkpoint_dir)
-    if tag is None:
+    latest = latest_tag(checkpoint_dir)
+    if latest is None:
         raise FileNotFoundError(f"--from_resume: no checkpoint to resume in {checkpoint_dir} (no '{LATEST}' file); "
                                 f"run without --from_resume to start fresh")
+    older = sorted((p.name for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name < latest), reverse=True)
+    candidates = [latest, *older]
+    for index, tag in enumerate(candidates):
+        problems = verify(checkpoint_dir / tag)
+        if not problems:
+            break
+        if distributed.is_main():
+            print(f"WARNING: checkpoint {checkpoint_dir / tag} is not usable: {'; '.join(problems[:5])}"
+                  + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                  + ("; trying the one before it" if index + 1 < len(candidates) else ""), flush=True)
+    else:
+        raise RuntimeError(f"--from_resume: no usable checkpoint in {checkpoint_dir} (see the warnings above); "
+                           f"run without --from_resume to start fresh")
     path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
