@@ -27,8 +27,9 @@ def rank_pid(out_dir: Path, rank: int) -> int:
     return int(pids[0])
 
 
-def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bool) -> tuple[int, str]:
-    """Start a run, signal one rank once `after_lines` steps are logged (every 20 ms until it exits when `storm`)."""
+def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bool) -> tuple[int, str, float]:
+    """Start a run, signal one rank once `after_lines` steps are logged (every 20 ms until it exits when `storm`).
+    Returns the launcher's exit status, its output, and the seconds from the signal to its exit."""
     command, env, _ = stage_command("pretrain", out_dir, *RUN, zero="2")
     process = start(command, env)
     metrics = out_dir / "metrics.jsonl"
@@ -37,6 +38,7 @@ def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bo
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be signalled"
         time.sleep(0.05)
     pid = rank_pid(out_dir, rank)
+    signalled = time.monotonic()
     os.kill(pid, signum)
     while storm and process.poll() is None:
         try:
@@ -49,7 +51,7 @@ def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bo
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    return process.returncode, output
+    return process.returncode, output, time.monotonic() - signalled
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def reference(tmp_path_factory) -> list[dict]:
                          ids=["SIGUSR1-to-rank1", "SIGTERM-storm-to-rank0"])
 def test_signal_checkpoints_every_rank_at_one_step_exits_75_and_resume_continues(tmp_path, reference, signum,
                                                                                   rank, storm):
-    code, output = interrupt(tmp_path, 3, signum, rank, storm)
+    code, output, _ = interrupt(tmp_path, 3, signum, rank, storm)
     assert code == REQUEUE_EXIT_CODE, output[-4000:]
     stop = re.search(r"stopping at step (\d+) on (\S+)", output)
     assert stop, output[-4000:]
@@ -84,3 +86,13 @@ def test_signal_checkpoints_every_rank_at_one_step_exits_75_and_resume_continues
         assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-6)
         assert ours["train/grad_norm"] == pytest.approx(theirs["train/grad_norm"], rel=1e-6)
         assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
+
+
+def test_a_rank_killed_outright_brings_the_run_down_within_seconds(tmp_path):
+    """SIGKILL (no handler can run) on rank 1 mid-training: rank 0, blocked in the next collective, does not hang;
+    the launcher notices the dead rank, stops the other, and exits non-zero naming it."""
+    code, output, seconds = interrupt(tmp_path, 3, signal.SIGKILL, rank=1, storm=False)
+    assert code not in (0, REQUEUE_EXIT_CODE), output[-3000:]
+    assert re.search(r"--local_rank=1'.*exits with return code = -9", output), output[-3000:]
+    assert seconds < 30, f"the run took {seconds:.0f}s to come down"  # the launcher polls every second
+    assert not (tmp_path / "checkpoints" / "latest").exists()  # nothing half-written claims to be complete
