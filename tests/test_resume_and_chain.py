@@ -129,13 +129,20 @@ def test_epochs_of_a_subsampled_mixture_each_run_their_own_length(tmp_path):
     assert last["train/epoch"] == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing"])
-def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, damage):
-    """Rank 1's optimizer shard of the newest checkpoint is cut in half, has one byte flipped, or is gone: the
-    resume names the file, falls back to the checkpoint before it on every rank, and continues the curve."""
-    straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """2 ranks, ZeRO-2, 6 steps with checkpoints at steps 3 and 6."""
+    straight = tmp_path_factory.mktemp("checkpointed")
     run_stage("pretrain", straight, *SHORT_RUN, "--max_steps", "6", "--save_interval", "3",
               "--keep_checkpoints", "3", zero="2")
+    return straight
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, checkpointed_run, damage):
+    """Rank 1's optimizer shard of the newest checkpoint is cut in half, has one byte flipped, or is gone: the
+    resume names the file, falls back to the checkpoint before it on every rank, and continues the curve."""
+    straight = checkpointed_run
     reference = read_metrics(straight)
     manifest = json.loads((straight / "checkpoints" / "step_00000006" / "manifest.json").read_text())
     assert "rng_rank1.pt" in manifest and all(entry["bytes"] > 0 for entry in manifest.values())
