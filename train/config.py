@@ -30,6 +30,7 @@ class TrainConfig:
     from_weight: str = field(default="none", metadata={"help": "none | a stage name (its exported weights under out_root) | a directory"})
     from_resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in out_dir"})
     use_prepared: bool = field(default=False, metadata={"help": "require the prepared token store to exist and be fresh"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip and count malformed records (per file, in run_config.json, data/skipped_records and summary.json) instead of stopping at the first"})
     max_seq_len: Optional[int] = field(default=None, metadata={"help": "override the data config's max_seq_len"})
     packing: str = field(default="auto", metadata={"help": "auto | packed | padded (auto: packed for pretrain/midtrain, padded otherwise)"})
 
@@ -47,6 +48,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 disables)"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, fp32 on CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for init, data order and sampling"})
+    nonfinite: str = field(default="skip", metadata={"help": "a NaN/Inf loss or gradient norm: skip (the update is not applied, counted in train/skipped_steps) | stop (checkpoint, error, exit 1); checked at each log step"})
 
     # Parallelism
     deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed config (ZeRO/offload choices; batch fields are filled from these flags)"})
@@ -79,6 +81,7 @@ class TrainConfig:
         require(bool(self.data_config), "data_config", "is required (a data mixture YAML under config/data/)")
         require(self.packing in ("auto", "packed", "padded"), "packing", f"{self.packing!r} is not one of auto, packed, padded")
         require(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", f"{self.dtype!r} is not one of auto, fp32, bf16, fp16")
+        require(self.nonfinite in ("skip", "stop"), "nonfinite", f"{self.nonfinite!r} is not one of skip, stop")
         for name in ("epochs", "batch_size", "accumulation_steps", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_interval", "eval_batches", "save_interval", "throughput_warmup_steps", "grad_clip", "weight_decay"):
