@@ -51,6 +51,7 @@ class TrainConfig:
     nonfinite: str = field(default="skip", metadata={"help": "a NaN/Inf loss or gradient norm: skip (the update is not applied, counted in train/skipped_steps) | stop (checkpoint, error, exit 1); checked at each log step"})
 
     # Parallelism
+    backend: str = field(default="deepspeed", metadata={"help": "deepspeed (ZeRO as --deepspeed says) | fsdp (PyTorch FSDP2 full sharding, started with torchrun; --deepspeed is not read)"})
     deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed config (ZeRO/offload choices; batch fields are filled from these flags)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
@@ -81,6 +82,7 @@ class TrainConfig:
         require(bool(self.data_config), "data_config", "is required (a data mixture YAML under config/data/)")
         require(self.packing in ("auto", "packed", "padded"), "packing", f"{self.packing!r} is not one of auto, packed, padded")
         require(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", f"{self.dtype!r} is not one of auto, fp32, bf16, fp16")
+        require(self.backend in ("deepspeed", "fsdp"), "backend", f"{self.backend!r} is not one of deepspeed, fsdp")
         require(self.nonfinite in ("skip", "stop"), "nonfinite", f"{self.nonfinite!r} is not one of skip, stop")
         for name in ("epochs", "batch_size", "accumulation_steps", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
