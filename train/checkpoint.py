@@ -1,4 +1,5 @@
-"""Checkpoints (DeepSpeed's, plus per-rank RNG) and the consolidated export the next stage starts from.
+"""Checkpoints (DeepSpeed's or, under FSDP, torch.distributed.checkpoint's, plus per-rank RNG) and the
+consolidated export the next stage starts from.
 
 Layout under <out_dir>/checkpoints: one folder per tag (`step_00000120`) and a `latest` file naming the
 newest complete one. `latest` is written last, atomically, after every rank has finished its part, so a run
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from train import distributed
+from train.fsdp import FSDPEngine
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -112,9 +114,9 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, kee
          extra_engines: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. `extra_engines` (name -> engine, e.g. PPO's critic) go in subfolders."""
     tag = tag_for(global_step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    _save_engine(engine, checkpoint_dir, tag, client_state)
     for name, extra in (extra_engines or {}).items():
-        extra.save_checkpoint(str(checkpoint_dir / tag), tag=name, save_latest=False)
+        _save_engine(extra, checkpoint_dir / tag, name, None)
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     _write_manifest(checkpoint_dir / tag)
@@ -125,6 +127,23 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, kee
             shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     distributed.barrier()
     return checkpoint_dir / tag
+
+
+def _save_engine(engine, directory: Path, tag: str, client_state: Optional[dict]) -> None:
+    """Collective: the engine's state in directory/tag."""
+    if isinstance(engine, FSDPEngine):
+        engine.save(directory / tag, client_state)
+    else:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+
+def _load_engine(engine, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
+    """Collective: (loaded?, client state) of the engine's state in directory/tag."""
+    if isinstance(engine, FSDPEngine):
+        return True, engine.load(directory / tag)
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    return path is not None, client_state
 
 
 def latest_tag(checkpoint_dir: Path) -> Optional[str]:
@@ -151,13 +170,11 @@ def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> 
     else:
         raise RuntimeError(f"--from_resume: no usable checkpoint in {checkpoint_dir} (see the warnings above); "
                            f"run without --from_resume to start fresh")
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-    if path is None:
+    loaded, client_state = _load_engine(engine, checkpoint_dir, tag)
+    if not loaded:
         raise RuntimeError(f"--from_resume: DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
     for name, extra in (extra_engines or {}).items():
-        if extra.load_checkpoint(str(checkpoint_dir / tag), tag=name, load_optimizer_states=True,
-                                 load_lr_scheduler_states=True)[0] is None:
+        if not _load_engine(extra, checkpoint_dir / tag, name)[0]:
             raise RuntimeError(f"--from_resume: DeepSpeed could not load the {name} of {checkpoint_dir / tag}")
     rng_file = checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():
@@ -166,7 +183,9 @@ def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> 
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> Optional[dict]:
-    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3, where each rank holds a shard."""
+    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3 and FSDP, where each rank holds a shard."""
+    if isinstance(engine, FSDPEngine):
+        return engine.full_state_dict()
     module = engine.module
     if zero_stage < 3:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if distributed.is_main() else None

@@ -1,7 +1,10 @@
-"""DeepSpeed engine set-up: the ZeRO config filled from the run's flags, AdamW with decay groups, the LR schedule.
+"""Engine set-up for either backend: DeepSpeed (the ZeRO config filled from the run's flags) or FSDP2
+(train/fsdp.py), with the same AdamW decay groups and LR schedule.
 
 `ds_configs/*.json` hold only ZeRO/offload choices; batch sizes, clipping and precision come from the run
-config so they cannot disagree with what the loop does.
+config so they cannot disagree with what the loop does. Under `--backend fsdp` the same fields make up the
+run's parallel config (`"backend": "fsdp"`), which is what the rest of the code receives in place of a
+DeepSpeed config.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from typing import Optional
 import torch
 
 from train.config import ConfigError, TrainConfig
+from train.fsdp import FSDPEngine, full_tensor, shard
 
 _AUTO = "auto"
+FSDP = "fsdp"
 
 
 def resolve_dtype(requested: str) -> str:
@@ -49,7 +54,25 @@ def _fill(config: dict, key: str, value, source: str, option: str) -> None:
                           f"or make them agree")
 
 
+def is_fsdp(ds_config: dict) -> bool:
+    return ds_config.get("backend") == FSDP
+
+
+def build_fsdp_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
+    if dtype == "fp16":
+        raise ConfigError("--dtype fp16: --backend fsdp has no loss scaler here; use --dtype bf16 or fp32, "
+                          "or --backend deepspeed")
+    return {"backend": FSDP, "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.accumulation_steps,
+            "train_batch_size": cfg.batch_size * cfg.accumulation_steps * world_size,
+            "gradient_clipping": cfg.grad_clip, "dtype": dtype,
+            "sharding": "fully_shard per transformer block + root, resharded after forward"}
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
+    """The run's parallel config: DeepSpeed's, or under --backend fsdp the FSDP2 equivalent."""
+    if cfg.backend == FSDP:
+        return build_fsdp_config(cfg, world_size, dtype)
     path = cfg.resolve_path(cfg.deepspeed)
     ds = copy.deepcopy(load_ds_config(path))
     src = str(path)
@@ -76,7 +99,14 @@ def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
 
 
 def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage; 3 under FSDP, which shards what ZeRO-3 partitions (parameters, gradients, optimizer)."""
+    if is_fsdp(ds_config):
+        return 3
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def describe_backend(ds_config: dict) -> str:
+    return "FSDP2" if is_fsdp(ds_config) else f"ZeRO-{zero_stage(ds_config)}"
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
@@ -100,7 +130,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict) -
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, adamw_mode=True)
-    fused = torch.cuda.is_available()
+    # ZeRO-0 fp32 steps this optimizer itself: the fused kernel lets the trainer skip a non-finite update on the
+    # device (found_inf), which DeepSpeed's ZeRO 1-3 optimizers do themselves.
+    fused = torch.cuda.is_available() or zero_stage(ds_config) == 0
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused, foreach=not fused)
 
 
@@ -115,11 +147,16 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
 
 
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+    """The training engine of `model`: DeepSpeed's, or an FSDPEngine under --backend fsdp."""
     import deepspeed
 
+    if is_fsdp(ds_config):
+        shard(model, ds_config["dtype"])  # before the optimizer, which must hold the sharded parameters
     optimizer = build_optimizer(model, cfg, ds_config)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    if is_fsdp(ds_config):
+        return FSDPEngine(model, optimizer, scheduler, cfg.accumulation_steps, cfg.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
 
@@ -134,23 +171,25 @@ def frozen_copy(engine, ds_config: dict, device: torch.device):
 
 @torch.no_grad()
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module, partitioned: bool) -> None:
-    """Copy the full weights of `source` (ZeRO-3 partitioned or not) into the same-shaped plain `target`."""
+    """Copy the full weights of `source` (ZeRO-3 partitioned, FSDP-sharded or plain) into the same-shaped plain
+    `target`."""
     import deepspeed
 
     targets = dict(target.named_parameters())
     for name, param in source.named_parameters():
-        # One parameter at a time: a ZeRO-3 rank never holds more than its shards plus the largest tensor.
-        with deepspeed.zero.GatheredParameters([param], enabled=partitioned):
-            targets[name].data.copy_(param.data)
+        # One parameter at a time: a sharded rank never holds more than its shards plus the largest tensor.
+        with deepspeed.zero.GatheredParameters([param], enabled=partitioned and hasattr(param, "ds_id")):
+            targets[name].data.copy_(full_tensor(param.data))
 
 
 def frozen(module: torch.nn.Module, ds_config: dict, device: torch.device):
     """A model that is only run forward (reference, reward model): under ZeRO-3 an engine without optimizer that
-    partitions it like the trained model, else the plain module on the device."""
+    partitions it like the trained model, else (FSDP included: no collectives in its forwards, so ranks may run
+    different numbers of them) the plain module on the device."""
     import deepspeed
 
     module.requires_grad_(False).eval()
-    if zero_stage(ds_config) < 3:
+    if zero_stage(ds_config) < 3 or is_fsdp(ds_config):
         return module.to(device)
     inference = copy.deepcopy(ds_config)
     inference["zero_optimization"].pop("offload_optimizer", None)
@@ -160,8 +199,12 @@ def frozen(module: torch.nn.Module, ds_config: dict, device: torch.device):
 
 
 def local_numel(model) -> int:
-    """Parameter elements this rank holds: its shards under ZeRO-3, everything otherwise."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in unwrap(model).parameters())
+    """Parameter elements this rank holds: its shards under ZeRO-3 or FSDP, everything otherwise."""
+    def held(p) -> int:
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
+        return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return sum(held(p) for p in unwrap(model).parameters())
 
 
 def unwrap(model) -> torch.nn.Module:
@@ -170,8 +213,9 @@ def unwrap(model) -> torch.nn.Module:
 
 
 def deepspeed_reports_grad_norm(engine) -> bool:
-    """ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not."""
-    return hasattr(engine.optimizer, "_global_grad_norm")
+    """ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm, and so does the FSDP engine; a plain torch
+    optimizer (ZeRO-0 fp32) does not."""
+    return isinstance(engine, FSDPEngine) or hasattr(engine.optimizer, "_global_grad_norm")
 
 
 def full_gradient_norm(engine) -> Optional[torch.Tensor]:
