@@ -21,8 +21,8 @@ from model import ModelConfig, num_params
 from train import checkpoint, distributed
 from train.config import REPO_ROOT, ConfigError, TrainConfig, parse_config
 from train.data_loading import build_data
-from train.engine import (build_ds_config, deepspeed_reports_grad_norm, full_gradient_norm, initialize,
-                          resolve_dtype, zero_stage)
+from train.engine import (build_ds_config, deepspeed_reports_grad_norm, describe_backend, full_gradient_norm,
+                          initialize, resolve_dtype, zero_stage)
 from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from train.metrics import MetricsTracker
 from train.peak_flops import device_peak, describe
@@ -168,7 +168,7 @@ class Trainer:
         rows = (f"{self.data.mode} rows of {self.data.seq_len} tokens with {padding:.1%} padding" if padding is not None
                 else f"batches of {self.cfg.batch_size} prompts")
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
-              f"ZeRO-{self.zero_stage}, {self.dtype}, {self.total_steps} steps "
+              f"{describe_backend(self.ds_config)}, {self.dtype}, {self.total_steps} steps "
               f"({self.epoch_steps[0]} in the first epoch), {rows}; peak: {self.peak.basis}", flush=True)
 
     # ----- the loop -----
