@@ -95,7 +95,34 @@ def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
         raise ConfigError(f"{src}: offload_param needs ZeRO stage 3 (this config is stage {stage})")
     if "offload_optimizer" in zero and stage == 0:
         raise ConfigError(f"{src}: offload_optimizer needs ZeRO stage 1, 2 or 3")
+    for section in ("offload_param", "offload_optimizer"):
+        if section in zero:
+            check_offload_target(zero[section], src, f"zero_optimization.{section}")
     return ds
+
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def check_offload_target(offload: dict, src: str, key: str) -> None:
+    """An offload target this machine cannot serve fails here, before any work, naming the option; DeepSpeed
+    would fail late (nvme_path) or deep inside an op build (async_io)."""
+    device = offload.get("device", "none")
+    if device not in OFFLOAD_DEVICES:
+        raise ConfigError(f"{src}: {key}.device is {device!r}; valid choices: {', '.join(OFFLOAD_DEVICES)}")
+    if device != "nvme":
+        return
+    path = offload.get("nvme_path")
+    if not path:
+        raise ConfigError(f"{src}: {key}.device is 'nvme' but {key}.nvme_path is not set; give a directory on a "
+                          f"local NVMe drive, or use device cpu or none")
+    if not Path(path).is_dir():
+        raise ConfigError(f"{src}: {key}.nvme_path {path} is not an existing directory")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"{src}: {key}.device 'nvme' needs DeepSpeed's async_io op (libaio), which cannot be built "
+                          f"on this machine; valid choices here: none, cpu")
 
 
 def zero_stage(ds_config: dict) -> int:
