@@ -1,4 +1,5 @@
-# Shared by the launch/run_*.sh scripts: start a stage under the deepspeed launcher.
+# Shared by the launch/run_*.sh scripts: start a stage under the deepspeed launcher, or torchrun for FSDP.
+#   BACKEND      deepspeed (default) | fsdp (PyTorch FSDP2 under torchrun; ZERO_STAGE is not read)
 #   NUM_GPUS     ranks on this node (default: every GPU; 2 CPU processes when there is no GPU)
 #   ZERO_STAGE   0 | 1 | 2 | 3 | 2_offload | 3_offload (default 2) -> ds_configs/zero${ZERO_STAGE}.json
 #   MASTER_PORT  rendezvous port (default 29500)
@@ -20,8 +21,15 @@ launch_stage() {
   else
     NUM_GPUS="${NUM_GPUS:-$gpus}"
   fi
-  local ds_config="ds_configs/zero${ZERO_STAGE:-2}.json"
-  [ -f "$ds_config" ] || { echo "ZERO_STAGE=${ZERO_STAGE}: no $ds_config (choices: $(ls ds_configs | tr '\n' ' '))" >&2; exit 2; }
-  exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-    "train/${stage}.py" --deepspeed "$ds_config" "$@"
+  case "${BACKEND:-deepspeed}" in
+    fsdp)
+      exec torchrun --nproc_per_node "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+        "train/${stage}.py" --backend fsdp "$@" ;;
+    deepspeed)
+      local ds_config="ds_configs/zero${ZERO_STAGE:-2}.json"
+      [ -f "$ds_config" ] || { echo "ZERO_STAGE=${ZERO_STAGE}: no $ds_config (choices: $(ls ds_configs | tr '\n' ' '))" >&2; exit 2; }
+      exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+        "train/${stage}.py" --deepspeed "$ds_config" "$@" ;;
+    *) echo "BACKEND=${BACKEND}: use deepspeed or fsdp" >&2; exit 2 ;;
+  esac
 }

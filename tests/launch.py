@@ -1,4 +1,4 @@
-"""Run a stage script the way users do (the deepspeed launcher, CPU ranks) and read what it wrote."""
+"""Run a stage script the way users do (the deepspeed launcher or torchrun, CPU ranks) and read what it wrote."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 # Keys every training log line carries (docs/metrics.md).
 CONTRACT = ["train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/global_step",
             "train/tokens_per_second", "train/samples_per_second", "train/steps_per_second",
@@ -27,11 +28,17 @@ def free_port() -> int:
 
 def stage_command(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
                   env: dict | None = None) -> tuple[list[str], dict, int]:
-    """The deepspeed-launcher command line, environment and port of a stage run on CPU ranks."""
+    """The command line, environment and port of a stage run on CPU ranks: the deepspeed launcher with
+    ds_configs/zero<zero>.json, or torchrun with --backend fsdp for zero="fsdp"."""
     port = free_port()
-    command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port),
-               str(REPO_ROOT / "train" / f"{stage}.py"), "--deepspeed", f"ds_configs/zero{zero}.json",
-               "--out_dir", str(out_dir), *args]
+    script = str(REPO_ROOT / "train" / f"{stage}.py")
+    if zero == "fsdp":
+        command = [str(TORCHRUN), "--nproc_per_node", str(world_size), "--master_port", str(port), script,
+                   "--backend", "fsdp"]
+    else:
+        command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port), script,
+                   "--deepspeed", f"ds_configs/zero{zero}.json"]
+    command += ["--out_dir", str(out_dir), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
     return command, {key: value for key, value in full_env.items() if value is not None}, port  # None: unset it
