@@ -9,6 +9,7 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 from data.tokenizer import CHAT_ROLES
 
@@ -19,25 +20,36 @@ class DataFormatError(ValueError):
     pass
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line."""
+def _parse_line(path: Path, line_number: int, line: bytes) -> dict:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}:{line_number}: not valid UTF-8 ({error.reason})") from error
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{path}:{line_number}: malformed JSON: {error.msg} (column {error.colno})") from error
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def read_jsonl(path: Path, bad_records: Optional[list] = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line. With `bad_records` (a list), a line that is not a JSON
+    object is skipped and its error message appended there, instead of raised."""
     records = 0
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except UnicodeDecodeError as error:
-                raise DataFormatError(f"{path}:{line_number}: not valid UTF-8 ({error.reason})") from error
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{path}:{line_number}: malformed JSON: {error.msg} "
-                                      f"(column {error.colno})") from error
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                record = _parse_line(path, line_number, line)
+            except DataFormatError as error:
+                if bad_records is None:
+                    raise
+                bad_records.append(str(error))
+                continue
             records += 1
             yield line_number, record
-    if records == 0:
+    if records == 0 and not bad_records:
         raise DataFormatError(f"{path}: empty file (no records)")
 
 
@@ -91,7 +103,13 @@ def parse_record(kind: str, record: dict, where: str):
     raise ValueError(f"unknown data kind {kind!r} (valid: {', '.join(KINDS)})")
 
 
-def read_records(path: Path, kind: str) -> Iterator[tuple[int, object]]:
-    """(line number, parsed record) for every record of a jsonl file of the given kind."""
-    for line_number, record in read_jsonl(path):
-        yield line_number, parse_record(kind, record, f"{path}:{line_number}")
+def read_records(path: Path, kind: str, bad_records: Optional[list] = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) for every record of a jsonl file of the given kind; `bad_records` as in
+    read_jsonl, for schema errors too."""
+    for line_number, record in read_jsonl(path, bad_records):
+        try:
+            yield line_number, parse_record(kind, record, f"{path}:{line_number}")
+        except DataFormatError as error:
+            if bad_records is None:
+                raise
+            bad_records.append(str(error))

@@ -13,7 +13,12 @@ FORMAT_VERSION. Layout (see data/store.py for one store):
 Documents: pretrain [bos] + text + [eos], mask all ones, kept whole (the loader packs and
 splits them); sft ChatML ids + assistant mask; dpo the same for chosen and rejected;
 rl the prompt with the assistant generation header, plus answers.json. sft/dpo documents
-longer than max_seq_len are truncated and counted as truncated_docs.
+longer than max_seq_len are truncated and counted as truncated_docs; an rl prompt longer than max_seq_len is a
+bad record (the policy continues it, so it cannot be cut).
+
+A bad record (malformed JSON, a missing or wrongly typed field, an unknown role, an empty conversation, an rl
+prompt too long) is an error naming file:line, or with skip_bad_records it is skipped and counted per file in
+meta.json's sources (skipped_records, and the first few messages in bad_records).
 
 validation.fraction sends each record to val with that probability, drawn from (seed, the
 file's content hash, the record's position): the same file splits the same way in every
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.formats import read_records
+from data.formats import DataFormatError, read_records
 from data.mixture import REPO_ROOT, DataConfig, SourceConfig, load_data_config
 from data.store import META, PairedStore, StoreWriter, TokenStore
 from data.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer, load_tokenizer
@@ -47,6 +52,7 @@ DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "prepared"
 SPLITS = ("train", "val")
 DPO_SIDES = ("chosen", "rejected")
 RECORDS_PER_CHUNK = 2048  # records per encode_batch call: big enough to use every core
+BAD_RECORDS_KEPT = 5  # error messages kept per file in meta.json; all are counted
 
 
 @dataclass
@@ -93,14 +99,18 @@ def input_files(config: DataConfig) -> list[Path]:
     return files + ([config.validation.path] if config.validation.path else [])
 
 
-def cache_ingredients(config: DataConfig, tokenizer: Tokenizer) -> dict:
-    """Everything the stores depend on; its sha256 is the cache key."""
-    return {
+def cache_ingredients(config: DataConfig, tokenizer: Tokenizer, skip_bad_records: bool = False) -> dict:
+    """Everything the stores depend on; its sha256 is the cache key. A store made with skip_bad_records has
+    its own key: a run without the flag must never reuse it and lose those records silently."""
+    ingredients = {
         "format_version": FORMAT_VERSION,
         "config": config.resolved(),
         "files": [file_fingerprint(path) for path in input_files(config)],
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "special_tokens": tokenizer.special_tokens},
     }
+    if skip_bad_records:
+        ingredients["skip_bad_records"] = True
+    return ingredients
 
 
 def cache_key(ingredients: dict) -> str:
@@ -143,17 +153,28 @@ def tokenize_chunk(kind: str, records: list, tokenizer: Tokenizer) -> list[list[
     return [[tokenizer.render_chat(messages, add_generation_prompt=True)] for messages, _ in records]
 
 
-def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writers, split_of):
-    """Stream one jsonl file into the split writers; returns what was read and filtered."""
+def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writers, split_of,
+                     skip_bad_records: bool):
+    """Stream one jsonl file into the split writers; returns what was read, filtered and skipped."""
     min_length, max_length = source.min_length, source.max_length
-    records = itertools.islice(read_records(source.path, config.kind), source.max_samples)
+    bad_records = [] if skip_bad_records else None
+    records = itertools.islice(read_records(source.path, config.kind, bad_records), source.max_samples)
     truncates = config.kind in ("sft", "dpo")  # pretrain docs are packed, rl prompts must stay whole
-    read = filtered = 0
-    while chunk := [record for _, record in itertools.islice(records, RECORDS_PER_CHUNK)]:
+    read = filtered = too_long = 0
+    while numbered := list(itertools.islice(records, RECORDS_PER_CHUNK)):
+        chunk = [record for _, record in numbered]
         read += len(chunk)
         splits = split_of(len(chunk))
-        for record, sides, split in zip(chunk, tokenize_chunk(config.kind, chunk, tokenizer), splits):
+        for (line_number, record), sides, split in zip(numbered, tokenize_chunk(config.kind, chunk, tokenizer), splits):
             lengths = [len(ids) for ids, _ in sides]
+            if config.kind == "rl" and lengths[0] > config.max_seq_len:
+                error = (f"{source.path}:{line_number}: the prompt is {lengths[0]} tokens, longer than max_seq_len "
+                         f"{config.max_seq_len} (rl prompts are kept whole)")
+                if bad_records is None:
+                    raise DataFormatError(error)
+                bad_records.append(error)
+                too_long += 1
+                continue
             if (min_length is not None and min(lengths) < min_length) or \
                     (max_length is not None and max(lengths) > max_length):
                 filtered += 1
@@ -163,7 +184,12 @@ def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writ
                 truncated = truncates and len(ids) > config.max_seq_len
                 end = config.max_seq_len if truncated else len(ids)
                 writer.append(ids[:end], mask[:end], source_index, truncated, answer)
-    return {"path": str(source.path), "records": read, "filtered_docs": filtered}
+    bad_records = bad_records or []
+    if read == too_long:
+        raise DataFormatError(f"{source.path}: no usable records" + (
+            f" ({len(bad_records)} bad, all skipped; the first: {bad_records[0]})" if bad_records else ""))
+    return {"path": str(source.path), "records": read, "filtered_docs": filtered,
+            "skipped_records": len(bad_records), "bad_records": bad_records[:BAD_RECORDS_KEPT]}
 
 
 def _random_splits(seed, file_sha256, fraction):
@@ -174,7 +200,8 @@ def _random_splits(seed, file_sha256, fraction):
     return lambda n: np.where(draws.random(n) < fraction, "val", "train")
 
 
-def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ingredients: dict) -> dict:
+def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ingredients: dict,
+                  skip_bad_records: bool) -> dict:
     started = time.time()
     pad_id = tokenizer.pad_id  # fail before tokenizing, not after, when the tokenizer has none
     train_paths = [str(source.path) for source in config.sources]
@@ -188,10 +215,11 @@ def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ing
     sources = []
     for index, source in enumerate(config.sources):
         split_of = _random_splits(config.seed, ingredients["files"][index]["sha256"], config.validation.fraction)
-        sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of))
+        sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of, skip_bad_records))
     if config.validation.path:
         validation = SourceConfig(path=config.validation.path, weight=1.0)
-        sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n))
+        sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n,
+                                        skip_bad_records))
 
     splits = {}
     for split, split_writers in writers.items():
@@ -224,8 +252,8 @@ def _as_config(config) -> DataConfig:
     return config if isinstance(config, DataConfig) else load_data_config(config)
 
 
-def _store_dir(config, tokenizer, cache_dir):
-    ingredients = cache_ingredients(config, tokenizer)
+def _store_dir(config, tokenizer, cache_dir, skip_bad_records):
+    ingredients = cache_ingredients(config, tokenizer, skip_bad_records)
     directory = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{config_name(config)}-{cache_key(ingredients)[:16]}"
     return directory, ingredients
 
@@ -235,17 +263,17 @@ def _open(directory, config, reused):
     return PreparedData(root=directory, config=config, meta=meta, reused=reused)
 
 
-def prepare(config, tokenizer: Tokenizer, cache_dir=None) -> PreparedData:
+def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool = False) -> PreparedData:
     """Tokenize the mixture into the cache, or reuse the store when its key matches."""
     config = _as_config(config)
-    directory, ingredients = _store_dir(config, tokenizer, cache_dir)
+    directory, ingredients = _store_dir(config, tokenizer, cache_dir, skip_bad_records)
     if (directory / META).is_file():
         return _open(directory, config, reused=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # A private temp dir renamed into place: a killed prepare leaves only a .tmp-* directory.
     temporary = directory.parent / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_stores(temporary, config, tokenizer, ingredients)
+        _write_stores(temporary, config, tokenizer, ingredients, skip_bad_records)
         try:
             temporary.rename(directory)
         except OSError:
@@ -259,7 +287,8 @@ def prepare(config, tokenizer: Tokenizer, cache_dir=None) -> PreparedData:
     return _open(directory, config, reused=False)
 
 
-def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, cache_dir=None) -> PreparedData:
+def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, cache_dir=None,
+                  skip_bad_records: bool = False) -> PreparedData:
     """The prepared store for this config and tokenizer.
 
     require_existing=True (what --use_prepared means) never tokenizes: a missing or stale
@@ -267,8 +296,8 @@ def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, 
     """
     config = _as_config(config)
     if not require_existing:
-        return prepare(config, tokenizer, cache_dir)
-    directory, _ = _store_dir(config, tokenizer, cache_dir)
+        return prepare(config, tokenizer, cache_dir, skip_bad_records)
+    directory, _ = _store_dir(config, tokenizer, cache_dir, skip_bad_records)
     if (directory / META).is_file():
         return _open(directory, config, reused=True)
     stale = stale_stores(directory.parent, config, directory)
@@ -277,7 +306,20 @@ def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, 
     raise FileNotFoundError(
         f"{config.config_file}: no prepared data for this config and tokenizer {tokenizer.name_or_path} "
         f"(expected {directory}); {reason}. Run: python -m data.prepare --data_config {config.config_file} "
-        f"--tokenizer {tokenizer.name_or_path}" + (f" --cache_dir {cache_dir}" if cache_dir else ""))
+        f"--tokenizer {tokenizer.name_or_path}" + (f" --cache_dir {cache_dir}" if cache_dir else "")
+        + (" --skip_bad_records" if skip_bad_records else ""))
+
+
+def skipped_records(prepared: PreparedData) -> dict:
+    """Bad records skipped per input file (files with none left out)."""
+    return {source["path"]: source["skipped_records"] for source in prepared.meta["sources"]
+            if source.get("skipped_records")}
+
+
+def skipped_records_report(prepared: PreparedData) -> list[str]:
+    return [f"skipped {source['skipped_records']} bad record(s) of {source['path']} (--skip_bad_records); "
+            f"the first: {source['bad_records'][0]}"
+            for source in prepared.meta["sources"] if source.get("skipped_records")]
 
 
 def _describe(counts):
@@ -290,10 +332,14 @@ def main():
     parser.add_argument("--data_config", required=True, help="data-mixture YAML, e.g. config/data/pretrain/demo.yaml")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER_DIR), help="tokenizer directory")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
+    parser.add_argument("--skip_bad_records", action="store_true", help="skip and count bad records")
     args = parser.parse_args()
     started = time.time()
-    prepared = prepare(load_data_config(args.data_config), load_tokenizer(args.tokenizer), args.cache_dir)
+    prepared = prepare(load_data_config(args.data_config), load_tokenizer(args.tokenizer), args.cache_dir,
+                       args.skip_bad_records)
     print(f"{'reused' if prepared.reused else 'prepared'} {prepared.root} ({time.time() - started:.1f}s)")
+    for line in skipped_records_report(prepared):
+        print(f"  {line}")
     for split, counts in prepared.meta["splits"].items():
         for side, side_counts in (counts.items() if prepared.kind == "dpo" else [("", counts)]):
             print(f"  {split:5s} {side:8s} {_describe(side_counts)}")

@@ -57,7 +57,7 @@ VALID = {"pretrain": {"text": "ok"}, "sft": {"conversations": PROMPT}, "dpo": {"
          "rl": {"conversations": PROMPT, "answer": "hello"}}
 
 
-@pytest.mark.parametrize("kind, bad_line, expected", [
+BAD_LINES = [
     ("pretrain", '{"text": "unterminated', "malformed JSON"),
     ("pretrain", '{"text": 5}', "field 'text' must be str, got int"),
     ("pretrain", '{"txt": "typo"}', "missing field 'text'"),
@@ -69,7 +69,10 @@ VALID = {"pretrain": {"text": "ok"}, "sft": {"conversations": PROMPT}, "dpo": {"
     ("dpo", '{"chosen": [{"role": "user", "content": "x"}]}', "missing field 'rejected'"),
     ("rl", '{"conversations": [{"role": "user", "content": "x"}], "answer": 7}', "field 'answer' must be str"),
     ("rl", '{"conversations": [{"role": "assistant", "content": "x"}]}', "no prompt before the assistant turn"),
-])
+]
+
+
+@pytest.mark.parametrize("kind, bad_line, expected", BAD_LINES)
 def test_schema_errors_name_file_line_and_field(tmp_path, kind, bad_line, expected):
     valid = json.dumps(VALID[kind])
     path = tmp_path / "data.jsonl"
@@ -78,6 +81,20 @@ def test_schema_errors_name_file_line_and_field(tmp_path, kind, bad_line, expect
         list(read_records(path, kind))
     assert str(error.value).startswith(f"{path}:3: ")
     assert expected in str(error.value)
+
+
+def test_skip_bad_records_skips_and_names_each_bad_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    kinds = {kind for kind, _, _ in BAD_LINES}
+    for kind in sorted(kinds):
+        cases = [(line, expected) for k, line, expected in BAD_LINES if k == kind]
+        valid = json.dumps(VALID[kind])
+        path.write_text("".join(f"{valid}\n{line}\n" for line, _ in cases) + f"{valid}\n")
+        bad = []
+        assert [n for n, _ in read_records(path, kind, bad)] == list(range(1, 2 * len(cases) + 2, 2))
+        assert len(bad) == len(cases)
+        for i, ((_, expected), message) in enumerate(zip(cases, bad)):
+            assert message.startswith(f"{path}:{2 * i + 2}: ") and expected in message
 
 
 def test_empty_file_is_an_error(tmp_path):
@@ -247,7 +264,8 @@ def test_filters_and_max_samples(tmp_path, tok, text_file):
     prepared = prepare(load_data_config(write_config(tmp_path, **options)), tok, tmp_path / "cache")
     kept = [n for n in (len(tok.encode(t)) + 2 for t in random_texts(40)[:30]) if min_length <= n <= max_length]
     assert prepared.split("train").doc_lengths.tolist() == kept
-    assert prepared.meta["sources"][0] == {"path": str(text_file), "records": 30, "filtered_docs": 30 - len(kept)}
+    assert prepared.meta["sources"][0] == {"path": str(text_file), "records": 30, "filtered_docs": 30 - len(kept),
+                                           "skipped_records": 0, "bad_records": []}
 
 
 def test_validation_path_fills_the_val_split(tmp_path, tok, text_file):
@@ -347,3 +365,47 @@ def test_a_file_splits_the_same_way_in_every_config(tmp_path, tok, text_file):
     val_alone, val_mixed = val_split("alone.yaml", alone), val_split("mixed.yaml", mixed)
     from_text_file = [doc for doc, source in zip(store_docs(val_mixed), val_mixed.source) if source == 1]
     assert store_docs(val_alone) == from_text_file and from_text_file
+
+
+# ---------------------------------------------------------------- bad records in prepare
+
+def test_prepare_skips_and_counts_bad_records_only_when_asked(tmp_path, tok):
+    texts = random_texts(6)
+    source = tmp_path / "texts.jsonl"
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[1:1] = ['{"text": "unterminated']
+    lines[4:4] = ['{"txt": "typo"}', "[1]"]
+    source.write_text("\n".join(lines) + "\n")
+    config = load_data_config(write_config(tmp_path, **base_options(source)))
+    with pytest.raises(DataFormatError, match=f"{source}:2: malformed JSON"):
+        prepare(config, tok, tmp_path / "cache")
+    prepared = prepare(config, tok, tmp_path / "cache", skip_bad_records=True)
+    assert len(prepared.split("train")) == len(texts)
+    counts = prepared.meta["sources"][0]
+    assert counts["records"] == 6 and counts["skipped_records"] == 3
+    assert [m.split(": ")[0] for m in counts["bad_records"]] == [f"{source}:2", f"{source}:5", f"{source}:6"]
+    assert prepare_module.skipped_records(prepared) == {str(source): 3}
+    # The skipping store has its own key: a run without the flag fails again instead of reusing it.
+    with pytest.raises(DataFormatError, match=f"{source}:2: malformed JSON"):
+        prepare(config, tok, tmp_path / "cache")
+
+
+def test_a_file_of_only_bad_records_is_an_error_even_when_skipping(tmp_path, tok):
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"txt": 1}\n{"text": 2}\n')
+    config = load_data_config(write_config(tmp_path, **base_options(source)))
+    with pytest.raises(DataFormatError, match=f"{source}: no usable records \\(2 bad, all skipped; the first: "
+                                              f"{source}:1: missing field 'text'"):
+        prepare(config, tok, tmp_path / "cache", skip_bad_records=True)
+
+
+def test_an_rl_prompt_longer_than_max_seq_len_is_named_or_skipped(tmp_path, tok):
+    short = {"conversations": [{"role": "user", "content": "2+3?"}], "answer": "5"}
+    long = {"conversations": [{"role": "user", "content": " ".join(random_texts(1, max_words=200)) * 4}]}
+    source = write_jsonl(tmp_path / "rl.jsonl", [short, long, short])
+    config = load_data_config(write_config(tmp_path, **{**base_options(source), "kind": "rl", "max_seq_len": 64}))
+    with pytest.raises(DataFormatError, match=rf"{source}:2: the prompt is \d+ tokens, longer than max_seq_len 64"):
+        prepare(config, tok, tmp_path / "cache")
+    prepared = prepare(config, tok, tmp_path / "cache", skip_bad_records=True)
+    assert prepared.split("train").answers == ["5", "5"]
+    assert prepare_module.skipped_records(prepared) == {str(source): 1}

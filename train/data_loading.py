@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
 
 from data.mixture import load_data_config
-from data.prepare import PreparedData, load_prepared
+from data.prepare import PreparedData, load_prepared, skipped_records, skipped_records_report
 from data.tokenizer import Tokenizer, load_tokenizer
 from model import ModelConfig
 from train import distributed
@@ -31,16 +32,23 @@ class StageData:
                 "train_docs": len(self.prepared.split("train")),
                 "val_docs": len(self.prepared.split("val")) if self.val else 0,
                 "micro_batches_per_epoch_per_rank": len(self.train),
-                "padding_fraction": self.train.padding_fraction(0), "tokenizer": self.tokenizer.name_or_path}
+                "padding_fraction": self.train.padding_fraction(0), "tokenizer": self.tokenizer.name_or_path,
+                "skipped_records": self.skipped_records}
+
+    @property
+    def skipped_records(self) -> dict:
+        """Bad records --skip_bad_records left out, per input file."""
+        return skipped_records(self.prepared)
 
 
-def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepared: bool) -> PreparedData:
+def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepared: bool,
+                                  skip_bad_records: bool) -> PreparedData:
     """Local rank 0 tokenizes (or checks the store); the others wait and open it. An error on the preparing
     rank is raised on every rank, so none is left waiting in a collective."""
     error = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
-            load_prepared(data_config, tokenizer, require_existing=use_prepared)
+            load_prepared(data_config, tokenizer, require_existing=use_prepared, skip_bad_records=skip_bad_records)
         except Exception as caught:  # re-raised below on every rank
             error = f"{type(caught).__name__}: {caught}"
     if distributed.world_size() > 1:
@@ -49,7 +57,7 @@ def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepare
         error = next((e for e in errors if e), None)
     if error:
         raise ConfigError(error)
-    return load_prepared(data_config, tokenizer, require_existing=True)
+    return load_prepared(data_config, tokenizer, require_existing=True, skip_bad_records=skip_bad_records)
 
 
 def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, world_size: int) -> StageData:
@@ -72,7 +80,10 @@ def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, wo
     if seq_len > model_config.max_seq_len:
         raise ConfigError(f"--max_seq_len / {cfg.data_config}: sequence length {seq_len} exceeds the model's "
                           f"max_seq_len {model_config.max_seq_len}")
-    prepared = _prepare_on_one_rank_per_node(data_config, tokenizer, cfg.use_prepared)
+    prepared = _prepare_on_one_rank_per_node(data_config, tokenizer, cfg.use_prepared, cfg.skip_bad_records)
+    if distributed.is_main():
+        for line in skipped_records_report(prepared):
+            print(f"WARNING: {line}", file=sys.stderr, flush=True)
     mode = stage.default_packing if cfg.packing == "auto" else cfg.packing
     train = stage.make_loader(prepared.split("train"), cfg, seq_len, rank, world_size, mode, weights=prepared.weights)
     val_store = prepared.split("val")
