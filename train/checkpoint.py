@@ -116,7 +116,7 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, kee
     tag = tag_for(global_step)
     _save_engine(engine, checkpoint_dir, tag, client_state)
     for name, extra in (extra_engines or {}).items():
-        _save_engine(extra, checkpoint_dir / tag, name, None)
+        _save_engine(extra, checkpoint_dir / tag, name, {})  # DeepSpeed requires a dict
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     _write_manifest(checkpoint_dir / tag)
