@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,19 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _prefer_environment_tools() -> None:
+    """Put this interpreter's bin directory first on PATH, so DeepSpeed's op builds use the environment's ninja.
+
+    A system ninja of another version (Debian's 1.11 beside the venv's 1.13) reads the other's build log as
+    stale: runs that alternate between them (a launch script that puts .venv/bin on PATH, then a bare
+    `deepspeed` call) rebuilt the CPU shared-memory op, about 3 minutes on 2 cores, every time.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
 def init_distributed() -> None:
     """Join (or create) the process group DeepSpeed will use.
 
@@ -40,6 +54,7 @@ def init_distributed() -> None:
         # Ranks sharing a CPU would oversubscribe its cores with torch's default of one thread per core.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+    _prefer_environment_tools()
     import deepspeed  # after DS_ACCELERATOR is set: the accelerator is chosen at import
 
     if not dist.is_initialized():
