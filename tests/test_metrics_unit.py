@@ -114,3 +114,25 @@ def test_console_line_shows_unknown_values_as_na():
                          "train/mfu_percent": 2.514, "train/eta_minutes": 3.14})
     assert line == ("Epoch:[1/2](29/297) step:29 loss:4.6300 lr:5.00e-08 grad_norm:0.820 tokens/s:n/a "
                     "MFU:2.51% eta:3.1min")
+
+
+def test_nonfinite_steps_are_found_at_the_log_step_with_their_data_position():
+    metrics = tracker()
+    metrics.begin_step(1, epoch=0, first_micro_batch=0)
+    add_step(metrics, 1.0, 10)
+    metrics.begin_step(2, epoch=0, first_micro_batch=1)
+    stats = BatchStats(input_tokens=10, supervised_tokens=10, samples=2, model_flops=1e9)
+    metrics.add_micro_batch(torch.tensor(float("nan")), 10, stats)  # a NaN loss with a finite norm: applied
+    metrics.add_update(torch.tensor(1.0), held_back=torch.tensor(False))
+    metrics.add_optimizer_step(torch.tensor(1.0), True)
+    metrics.begin_step(3, epoch=1, first_micro_batch=4)
+    metrics.add_micro_batch(torch.tensor(1.0), 10, stats)
+    metrics.add_update(torch.tensor(float("inf")), held_back=torch.tensor(True))  # decided on the device
+    metrics.add_optimizer_step(torch.tensor(float("inf")), True)
+    record = metrics.collect(global_step=3, learning_rate=1e-3)
+    assert [(o.step, o.epoch, o.first_micro_batch, o.held_back) for o in metrics.window_nonfinite] == \
+        [(2, 0, 1, False), (3, 1, 4, True)]
+    assert record["train/nonfinite_steps"] == 2 and record["train/skipped_steps"] == 1
+    add_step(metrics, 1.0, 10)
+    metrics.collect(global_step=4, learning_rate=1e-3)
+    assert metrics.window_nonfinite == [] and metrics.state_dict()["nonfinite_steps"] == 2

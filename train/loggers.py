@@ -4,6 +4,7 @@ Only rank 0 logs. A back-end that fails warns once and is dropped: the run and t
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -62,8 +63,17 @@ class JsonlLogger(Logger):
 
     def log(self, record, step):
         # allow_nan=False: a NaN must never reach the file as invalid JSON; callers turn it into null.
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as error:  # the bare error names neither the file nor, plainly, a full disk
+            cause = "disk full" if error.errno == errno.ENOSPC else error.strerror
+            try:
+                self.file.close()  # closes the descriptor even though the unwritten line cannot be flushed
+            except OSError:
+                pass
+            raise OSError(error.errno, f"{cause} writing {self.path}: {error.strerror}") from error
 
     def close(self):
         self.file.close()

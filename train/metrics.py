@@ -4,6 +4,9 @@ Costs nothing per micro-step beyond adding tensors: losses and stage sums stay o
 FLOP counts are host integers made from the CPU batch before it moves. Once per log step, one all-gather of
 one packed vector and one copy to the host; the clock is read after a device synchronize at both ends of
 each rate window. Definitions of every key are in docs/metrics.md.
+
+Non-finite steps are found the same way: each step's flags (a NaN/Inf loss or gradient norm; an update held
+back) stay on the device, with the step's data position on the host, and travel in that one all-gather.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,27 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+Flag = Union[torch.Tensor, bool]  # a device bool where the device decided, a host bool where the host knows
+
+
+def _either(a: Optional[Flag], b: Optional[Flag]) -> Optional[Flag]:
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a or b
+    return torch.logical_or(torch.as_tensor(a), torch.as_tensor(b))
+
+
+@dataclass
+class StepOutcome:
+    """One global step: where its data came from and whether it went wrong (flags read at the next log step)."""
+    step: int
+    epoch: int  # 0-based
+    first_micro_batch: int  # this rank's micro-batch index in the epoch; the step used accumulation_steps of them
+    nonfinite: Flag  # a NaN/Inf loss sum or pre-clip gradient norm
+    held_back: Flag  # an update of the step was not applied
+
+
 @dataclass
 class _Window:
     loss_sum: Optional[torch.Tensor] = None  # device
@@ -51,6 +75,7 @@ class _Window:
     rate_steps: int = 0
     extra_sums: dict = field(default_factory=dict)  # name -> device tensor
     extra_counts: dict = field(default_factory=dict)  # name -> float
+    steps: list = field(default_factory=list)  # StepOutcome of every step of the window
 
 
 class MetricsTracker:
@@ -65,7 +90,12 @@ class MetricsTracker:
         self.tokens_seen = 0  # global, cumulative (restored on resume)
         self.supervised_tokens_seen = 0
         self.skipped_steps = 0
+        self.nonfinite_steps = 0
         self.steps_this_process = 0
+        self.window_nonfinite: list[StepOutcome] = []  # the last collected window's non-finite steps, flags resolved
+        self._position = (0, 0, 0)
+        self._step_nonfinite: Optional[Flag] = None
+        self._step_held_back: Optional[Flag] = None
         self.window = _Window()
         self.rate_window_start: Optional[float] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
@@ -92,6 +122,18 @@ class MetricsTracker:
     def start_epoch(self) -> None:
         self.epoch_start = time.perf_counter()
 
+    def begin_step(self, step: int, epoch: int, first_micro_batch: int) -> None:
+        """Where the step about to run takes its data from (reported if it turns out non-finite)."""
+        self._position = (step, epoch, first_micro_batch)
+        self._step_nonfinite = self._step_held_back = None
+
+    def add_update(self, grad_norm: Optional[torch.Tensor], held_back: Flag) -> None:
+        """One optimizer update of the current step: its pre-clip norm (None: unknown) and whether it was not
+        applied. Several per step when a stage updates more than once (PPO epochs, a critic)."""
+        if grad_norm is not None:
+            self._step_nonfinite = _either(self._step_nonfinite, ~torch.isfinite(grad_norm))
+        self._step_held_back = _either(self._step_held_back, held_back)
+
     def add_micro_batch(self, loss_sum: torch.Tensor, loss_weight: int, stats: BatchStats,
                         aux_loss: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> None:
         """`extras`: name -> (device sum, host count); logged as the global sum / global count."""
@@ -99,6 +141,7 @@ class MetricsTracker:
             return
         w = self.window
         loss_sum = loss_sum.detach().to(torch.float64)
+        self._step_nonfinite = _either(self._step_nonfinite, ~torch.isfinite(loss_sum))
         w.loss_sum = loss_sum if w.loss_sum is None else w.loss_sum + loss_sum
         w.loss_weight += loss_weight
         if aux_loss is not None:
@@ -120,10 +163,15 @@ class MetricsTracker:
     def add_optimizer_step(self, grad_norm: Optional[torch.Tensor], applied: bool) -> None:
         """Record the step just taken; `grad_norm` is its pre-clip global norm (None when unknown)."""
         self.steps_this_process += 1
+        if self._step_held_back is None:  # a stage that updates without Trainer.backward_step
+            self.add_update(grad_norm, not applied)
+        step, epoch, first_micro_batch = self._position
+        self.window.steps.append(StepOutcome(step, epoch, first_micro_batch,
+                                             False if self._step_nonfinite is None else self._step_nonfinite,
+                                             self._step_held_back))
+        self._step_nonfinite = self._step_held_back = None
         if not self.enabled:
             return
-        if not applied:
-            self.skipped_steps += 1
         self.last_step_skipped = not applied
         self.last_grad_norm = grad_norm if applied else None
         if self.rate_window_start is not None:
@@ -147,6 +195,27 @@ class MetricsTracker:
             vector = vector.unsqueeze(0)
         return vector.cpu()
 
+    def _resolve_steps(self, flags: torch.Tensor) -> None:
+        """Count the window's non-finite and held-back steps from their gathered flags ([world, 2 × steps])."""
+        steps = self.window.steps
+        either_rank = flags.amax(dim=0).tolist() if len(steps) else []
+        self.window_nonfinite = []
+        for i, outcome in enumerate(steps):
+            nonfinite, held_back = bool(either_rank[i]), bool(either_rank[len(steps) + i])
+            self.skipped_steps += held_back
+            if nonfinite:
+                self.nonfinite_steps += 1
+                self.window_nonfinite.append(StepOutcome(outcome.step, outcome.epoch, outcome.first_micro_batch,
+                                                         True, held_back))
+
+    def _step_flags(self) -> list:
+        return [o.nonfinite for o in self.window.steps] + [o.held_back for o in self.window.steps]
+
+    def collect_step_outcomes(self) -> None:
+        """The non-finite check alone, for a run that collects no metrics: one all-gather of the flags."""
+        self._resolve_steps(self._gather(self._step_flags()) if self.window.steps else torch.zeros(1, 0))
+        self.window = _Window()
+
     def collect(self, *, global_step: int, learning_rate: float) -> dict:
         """End the window: reduce over ranks, compute rates, reset. Called on every rank (collective)."""
         distributed.synchronize()
@@ -163,9 +232,12 @@ class MetricsTracker:
             grad_norm if grad_norm is not None else float("nan"),
             peak_memory_gb(),
             *[w.extra_sums[n] for n in extra_names], *[w.extra_counts[n] for n in extra_names],
+            *self._step_flags(),
         ]
         rows = self._gather(local)
-        totals = rows.sum(dim=0).tolist()
+        extras_end = 12 + 2 * len(extra_names)
+        self._resolve_steps(rows[:, extras_end:])
+        totals = rows[:, :extras_end].sum(dim=0).tolist()
         (loss_sum, loss_weight, aux_sum, micro_batches, input_tokens, supervised_tokens, samples,
          rate_tokens, rate_samples, rate_flops) = totals[:10]
         extras_total = totals[12:]
@@ -182,6 +254,7 @@ class MetricsTracker:
             "train/num_input_tokens_seen": self.tokens_seen,
             "train/num_supervised_tokens_seen": self.supervised_tokens_seen,
             "train/skipped_steps": self.skipped_steps,
+            "train/nonfinite_steps": self.nonfinite_steps,
             "system/peak_memory_gb": memory,
         }
         if self.last_grad_norm is None and not self.last_step_skipped:
@@ -225,9 +298,10 @@ class MetricsTracker:
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "supervised_tokens_seen": self.supervised_tokens_seen,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = state["tokens_seen"]
         self.supervised_tokens_seen = state["supervised_tokens_seen"]
         self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_steps = state["nonfinite_steps"]

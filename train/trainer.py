@@ -4,10 +4,12 @@ A stage (train/stage.py) supplies its data kind, loss and FLOPs; everything else
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 from train.stage import Stage
 
 EXPORT_DIR = "export"
+NONFINITE_EXIT_CODE = 1
 STAGE_ORDER = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
 
 
@@ -52,6 +55,27 @@ def resolve_weights(cfg: TrainConfig, option: str, value: str) -> Path:
                           f"({', '.join(STAGE_ORDER)}) or a directory written by a stage's export"
                           + ("" if option != "from_weight" else ", or none"))
     return path
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def disk_full_error(error: Exception, folder: Path, previous: Optional[str]) -> Optional[OSError]:
+    """An error that says "disk full" when `error`, raised while saving `folder`, comes from a full disk: ENOSPC,
+    or less space left than the previous checkpoint took (torch.save reports ENOSPC as a bare RuntimeError from
+    its zip writer). None when the disk is not the cause."""
+    free = shutil.disk_usage(folder.parent).free
+    needed = folder_bytes(folder.parent / previous) if previous else None
+    if getattr(error, "errno", None) != errno.ENOSPC and (needed is None or free >= needed):
+        return None
+    kept = (f"the previous checkpoint {folder.parent / previous} is untouched and 'latest' still names it"
+            if previous else "no earlier checkpoint exists")
+    full = OSError(errno.ENOSPC, f"disk full while saving checkpoint {folder} ({free:,} bytes free"
+                                 + (f", the previous checkpoint took {needed:,}" if needed else "")
+                                 + f"; {type(error).__name__}: {error}); {kept}", str(folder))
+    print(f"ERROR: {full.strerror}", file=sys.stderr, flush=True)
+    return full
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +113,9 @@ class Trainer:
         self.out_dir = cfg.resolve_path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
+        # The parallel config first: an option this machine cannot honour fails before the model and data are made.
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.ds_config = build_ds_config(cfg, self.world_size, self.dtype)
         source = resolve_from_weight(cfg)
         self.model = stage.build_model(cfg, source)
         self.model_config: ModelConfig = self.model.config
@@ -103,8 +130,6 @@ class Trainer:
         planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
 
-        self.dtype = resolve_dtype(cfg.dtype)
-        self.ds_config = build_ds_config(cfg, self.world_size, self.dtype)
         self.zero_stage = zero_stage(self.ds_config)
         self.engine = initialize(self.model, cfg, self.ds_config, self.total_steps * stage.optimizer_steps_per_step(cfg))
         stage.setup(self)  # before _resume: extra models start from the initial weights, not the resumed ones
@@ -190,11 +215,21 @@ class Trainer:
         engine.backward(objective)
         boundary = engine.is_gradient_accumulation_boundary()
         reports = deepspeed_reports_grad_norm(engine)
-        grad_norm = full_gradient_norm(engine) if boundary and not reports and self.cfg.metrics else None
+        grad_norm = full_gradient_norm(engine) if boundary and not reports else None
+        held_back = None
+        if grad_norm is not None:
+            # ZeRO-0 fp32 steps a plain torch AdamW, which would apply a NaN update; its fused kernel skips the
+            # update on the device when found_inf is set, as torch's GradScaler does: no host sync.
+            held_back = ~torch.isfinite(grad_norm)
+            engine.optimizer.found_inf = held_back.float()
         engine.step()
         if boundary and reports:
+            # DeepSpeed's ZeRO 1-3 optimizers skip a step whose norm is not finite themselves (they read the norm
+            # on the host), reporting the norm as inf and was_step_applied() as False.
             reported = engine.get_global_grad_norm()
             grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
+        if boundary:
+            self.metrics.add_update(grad_norm, held_back if held_back is not None else not engine.was_step_applied())
         return grad_norm
 
     def optimizer_step(self, micro_batches: list[dict]) -> None:
@@ -257,7 +292,8 @@ class Trainer:
         steps_per_epoch = self.epoch_steps[self.epoch]
         record["train/epoch"] = self.epoch + epoch_step / steps_per_epoch
         record.update({"progress/epoch_index": self.epoch, "progress/epochs": self.cfg.epochs,
-                       "progress/epoch_step": epoch_step, "progress/steps_per_epoch": steps_per_epoch})
+                       "progress/epoch_step": epoch_step, "progress/steps_per_epoch": steps_per_epoch,
+                       "data/skipped_records": sum(self.data.skipped_records.values())})
         if self.logger is not None:
             self.logger.log(record, self.global_step)
             self.history.append(record)
@@ -266,8 +302,13 @@ class Trainer:
         """`resume_epoch`/`resume_batch`: where a resumed run picks up the data (micro-batch index)."""
         state = {"global_step": self.global_step, "epoch": resume_epoch, "next_batch": resume_batch,
                  "metrics": self.metrics.state_dict(), "wandb_id": self.wandb_id, "stage": self.stage.name}
-        path = checkpoint.save(self.engine, self.checkpoint_dir, self.global_step, state, self.cfg.keep_checkpoints,
-                               self.stage.extra_engines())
+        previous = checkpoint.latest_tag(self.checkpoint_dir)
+        try:
+            path = checkpoint.save(self.engine, self.checkpoint_dir, self.global_step, state,
+                                   self.cfg.keep_checkpoints, self.stage.extra_engines())
+        except Exception as error:
+            raise disk_full_error(error, self.checkpoint_dir / checkpoint.tag_for(self.global_step), previous) \
+                or error
         if distributed.is_main():
             print(f"saved checkpoint {path}", flush=True)
 
@@ -288,11 +329,16 @@ class Trainer:
         evaluate = due(cfg.eval_interval) or done
         save = due(cfg.save_interval) or done
         # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
-        if cfg.metrics and (due(cfg.log_interval) or evaluate or save):
+        window_ends = due(cfg.log_interval) or evaluate or save
+        if cfg.metrics and window_ends:
             record = self.metrics.collect(global_step=self.global_step, learning_rate=self.learning_rate)
             if evaluate:
                 record.update(self.stage.evaluate(self))
             self._log(record, epoch_step)
+        elif window_ends:
+            self.metrics.collect_step_outcomes()
+        if window_ends and self.metrics.window_nonfinite:
+            self._handle_nonfinite(epoch_step)
         if save:
             self._save_after(epoch_step)
         if evaluate or save:
@@ -306,6 +352,39 @@ class Trainer:
             self._save(resume_epoch=self.epoch, resume_batch=epoch_step * self.cfg.accumulation_steps)
         self.saved_step = self.global_step
 
+    def _handle_nonfinite(self, epoch_step: int) -> None:
+        """Report the last window's non-finite steps; under --nonfinite stop, checkpoint and exit non-zero.
+
+        Every rank holds the same gathered flags, so all take the same branch."""
+        steps = self.metrics.window_nonfinite
+        where = ", ".join(f"step {o.step} (epoch {o.epoch + 1}, micro-batches {o.first_micro_batch}-"
+                          f"{o.first_micro_batch + self.cfg.accumulation_steps - 1})" for o in steps[:5])
+        where += f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+        applied = sum(not o.held_back for o in steps)
+        outcome = (f"{len(steps) - applied} update(s) not applied"
+                   + (f", {applied} APPLIED (DeepSpeed did not skip them)" if applied else ""))
+        if self.cfg.nonfinite == "skip":
+            if distributed.is_main():
+                print(f"WARNING: non-finite loss or gradient norm at {where}: {outcome} (--nonfinite skip); "
+                      f"{self.metrics.skipped_steps} step(s) skipped in this run", file=sys.stderr, flush=True)
+            return
+        if self.saved_step != self.global_step:
+            self._save_after(epoch_step)  # a held-back update left the weights as they were before that step
+        if distributed.is_main():
+            print(f"ERROR: non-finite loss or gradient norm at {where}: {outcome}; stopping (--nonfinite stop) with "
+                  f"the checkpoint of step {self.global_step} in {self.checkpoint_dir}; exit {NONFINITE_EXIT_CODE}",
+                  file=sys.stderr, flush=True)
+            self.logger.close()
+        self._exit_together(NONFINITE_EXIT_CODE)
+
+    def _exit_together(self, status: int) -> None:
+        distributed.barrier()  # a rank that exits first makes the launcher kill the others: rank 0 closes first
+        # At once, without interpreter shutdown: that restores the default SIGTERM action, and the launcher's
+        # SIGTERM to the ranks still tearing down would then replace their status by death by signal.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
     def _stop_for_preemption(self, epoch_step: int) -> None:
         """Every rank has finished the same step: save it (unless just saved) and exit for the launcher to requeue."""
         if self.saved_step != self.global_step:
@@ -314,12 +393,7 @@ class Trainer:
             print(f"stopping at step {self.global_step} on {self.preemption.signal_name()}: checkpoint saved, "
                   f"exit {REQUEUE_EXIT_CODE} (requeue; --from_resume continues from here)", flush=True)
             self.logger.close()
-        distributed.barrier()  # a rank that exits first makes the launcher kill the others: rank 0 closes first
-        # At once, without interpreter shutdown: that restores the default SIGTERM action, and the launcher's
-        # SIGTERM to the ranks still tearing down would then replace their 75 by death by signal.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(REQUEUE_EXIT_CODE)
+        self._exit_together(REQUEUE_EXIT_CODE)
 
     def train(self) -> list[dict]:
         cfg = self.cfg
@@ -334,6 +408,7 @@ class Trainer:
             epoch_step = start_batch // cfg.accumulation_steps
             while epoch_step < self.epoch_steps[self.epoch] and not done:
                 learning_rate = self.engine.get_lr()[0]  # the rate this step's updates use
+                self.metrics.begin_step(self.global_step + 1, self.epoch, epoch_step * cfg.accumulation_steps)
                 self.stage.train_step(self, [next(batches) for _ in range(cfg.accumulation_steps)])
                 self.learning_rate = learning_rate
                 self.global_step += 1
@@ -359,6 +434,8 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         summary = {"stage": self.stage.name, "final_loss": last.get("train/loss"), "eval_loss": last.get("eval/loss"),
                    "global_step": self.global_step, "tokens_seen": self.metrics.tokens_seen,
+                   "skipped_steps": self.metrics.skipped_steps, "nonfinite_steps": self.metrics.nonfinite_steps,
+                   "skipped_records": self.data.skipped_records,
                    "mean_tokens_per_second": mean("train/tokens_per_second"),
                    "mean_mfu_percent": mean("train/mfu_percent"), "wall_time_s": wall_seconds,
                    "eval": {key: value for key, value in last.items() if key.startswith("eval/")}}
