@@ -136,3 +136,18 @@ def test_nonfinite_steps_are_found_at_the_log_step_with_their_data_position():
     add_step(metrics, 1.0, 10)
     metrics.collect(global_step=4, learning_rate=1e-3)
     assert metrics.window_nonfinite == [] and metrics.state_dict()["nonfinite_steps"] == 2
+
+
+def test_without_metrics_the_step_flags_are_still_collected():
+    metrics = tracker(enabled=False)
+    metrics.begin_step(1, epoch=0, first_micro_batch=0)
+    metrics.add_update(torch.tensor(float("nan")), held_back=torch.tensor(True))
+    metrics.add_optimizer_step(torch.tensor(float("nan")), True)
+    metrics.begin_step(2, epoch=0, first_micro_batch=1)
+    metrics.add_update(torch.tensor(0.5), held_back=False)
+    metrics.add_optimizer_step(torch.tensor(0.5), True)
+    metrics.collect_step_outcomes()
+    assert [(o.step, o.held_back) for o in metrics.window_nonfinite] == [(1, True)]
+    assert (metrics.skipped_steps, metrics.nonfinite_steps) == (1, 1)
+    metrics.collect_step_outcomes()  # an empty window
+    assert metrics.window_nonfinite == []
