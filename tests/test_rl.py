@@ -6,6 +6,7 @@ and score with an untrained reward model whose head is random, so rewards, advan
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -197,3 +198,57 @@ def test_ppo_resume_restores_the_critic_and_continues_the_curve(tmp_path, out_ro
         for key in ("train/loss", "loss/value", "critic/grad_norm", "train/grad_norm", "objective/reward"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
         assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
+
+
+# ----- learning -----
+LEARN_WORDS = ["apple", "river", "stone", "cloud", "table", "green", "house", "light", "music", "paper", "chair",
+               "water", "bread", "plant", "night", "dream"]
+
+
+def reply_ok_policy(root, target: float = 0.25):
+    """A rule-rewarded task and a policy that solves it now and then: prompts "Reply ok to '<word>'." with the
+    reference answer "ok", and a tiny model trained (supervised) only until its answer is exactly "ok" with mean
+    probability `target`. Returns the data config."""
+    tokenizer = load_tokenizer()
+    messages = [[{"role": "user", "content": f"Reply ok to '{word}'."}] for word in LEARN_WORDS]
+    for name, chats in (("train", messages[:12] * 4), ("val", messages[12:])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"conversations": chat, "answer": "ok"}) + "\n" for chat in chats)
+    (root / "rl.yaml").write_text(f"kind: rl\nmax_seq_len: 64\nsources:\n  - {{path: {root}/train.jsonl, weight: 1.0}}\n"
+                                  f"validation: {{path: {root}/val.jsonl}}\nseed: 0\n")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    rows = [tokenizer.render_chat(chat + [{"role": "assistant", "content": "ok"}]) for chat in messages[:12]]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(100):
+        answer_logps = []
+        for ids, mask in rows:
+            ids, mask = torch.tensor([ids]), torch.tensor(mask[1:], dtype=torch.bool)
+            logps = model(ids[:, :-1]).logits.log_softmax(-1)[0].gather(-1, ids[0, 1:, None]).squeeze(-1)
+            answer_logps.append(logps[mask].sum())
+        answer_logps = torch.stack(answer_logps)
+        if answer_logps.exp().mean() >= target:
+            break
+        optimizer.zero_grad()
+        (-answer_logps.mean()).backward()
+        optimizer.step()
+    save_pretrained(model, root / "sft" / "export")
+    return root / "rl.yaml"
+
+
+@pytest.mark.parametrize("stage,margin", [("grpo", 0.15), ("ppo", 0.2)])
+def test_rl_raises_a_learnable_rule_reward(tmp_path, stage, margin):
+    """From a policy that answers exactly "ok" about one time in four, the mean rule reward (1 for "ok", 0.5 for an
+    answer containing it) of the sampled answers in the last 4 of 16 steps exceeds the first 4 steps' by `margin`.
+    Without learning the difference of two window means has a standard error of about 0.35·√(2/n): 0.044 for
+    GRPO's n = 128 answers per window, 0.088 for PPO's 32, so the margins are 3.4 and 2.3 of them."""
+    data_config = reply_ok_policy(tmp_path)
+    run_stage(stage, tmp_path / stage, "--data_config", str(data_config), "--out_root", str(tmp_path),
+              "--from_weight", "sft", "--reward", "rule", "--batch_size", "8", "--max_new_tokens", "8",
+              "--learning_rate", "1e-3", "--max_steps", "16", "--epochs", "3", "--log_interval", "1",
+              "--eval_interval", "0", "--eval_batches", "0", "--save_interval", "0", "--seed", str(SEED),
+              *(["--group_size", "4"] if stage == "grpo" else []), world_size=1, zero="2")
+    rewards = [record["objective/reward"] for record in read_metrics(tmp_path / stage)]
+    assert len(rewards) == 16
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + margin, rewards
