@@ -120,6 +120,9 @@ def run_config(config: str, args: argparse.Namespace, stage_flags: list[str]) ->
             os.killpg(process.pid, 9)
             process.wait()
             status = f"ran past {args.timeout}s"
+        except BaseException:  # interrupted: the run's ranks are in their own session and would outlive the tool
+            os.killpg(process.pid, 9)
+            raise
     result["wall_time_s"] = time.perf_counter() - started
     metrics = run_dir / "metrics.jsonl"
     if status != 0 or not metrics.is_file():
