@@ -91,6 +91,8 @@ def test_rule_reward():
     assert rule_reward(" 106 ", "106") == 1.0
     assert rule_reward("the answer is 106", "106") == 0.5
     assert rule_reward("107", "106") == 0.0
+    assert rule_reward("it is r.", "r") == 0.5 and rule_reward("a parser", "r") == 0.0  # a whole word only
+    assert rule_reward("1067", "106") == 0.0
     with pytest.raises(ValueError, match="no.*reference answer|without a reference answer"):
         rule_reward("x", None)
 

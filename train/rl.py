@@ -12,6 +12,7 @@ column. Padding gets document id −1 and is never attended to.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -65,13 +66,15 @@ class RLConfig(TrainConfig):
 
 
 def rule_reward(response: str, answer: Optional[str]) -> float:
-    """1 for exactly the reference answer (surrounding space aside), 0.5 for an answer containing it, else 0."""
+    """1 for exactly the reference answer (surrounding space aside), 0.5 for an answer containing it as a whole word
+    (not inside a longer one: a one-letter answer is inside almost any long text, which RL learns to exploit),
+    else 0."""
     if answer is None:
         raise ValueError("a prompt without a reference answer cannot get a rule-based reward (use --reward model)")
     response, answer = response.strip(), answer.strip()
     if response == answer:
         return 1.0
-    return 0.5 if answer and answer in response else 0.0
+    return 0.5 if answer and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", response) else 0.0
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
