@@ -5,9 +5,9 @@ needs no download and is identical on every machine with the same Python:
 
   pretrain.jsonl   {"text"}           prose: stdlib docstrings + the language reference (pydoc_data)
   midtrain.jsonl   {"text"}           a new domain: stdlib source code, one function/class per doc
-  sft.jsonl        {"conversations"}  verifiable tasks (arithmetic, string tasks) + Q&A from the docs
+  sft.jsonl        {"conversations"}  verifiable tasks (first letter, arithmetic, string tasks) + Q&A from the docs
   dpo.jsonl        {"chosen","rejected"} verifiable tasks, rejected = a plausibly wrong answer
-  rl_prompts.jsonl {"conversations","answer"} prompts + reference answer for a rule-based reward
+  rl_prompts.jsonl {"conversations","answer"} first-letter prompts + reference answer for a rule-based reward
   rl_eval.jsonl    same form: held-out prompts that no other file contains (for honest eval)
 
 Usage: python scripts/make_demo_data.py [--out_dir dataset] [--seed 0]
@@ -41,6 +41,7 @@ MIDTRAIN_BYTES = 1_500_000
 SFT_SINGLE_TURN, SFT_MULTI_TURN, SFT_DOC_QA = 2800, 500, 900
 DPO_PAIRS, RL_PROMPTS, RL_EVAL_PROMPTS = 2000, 1000, 300
 
+FIRST_LETTER_TEMPLATES = ("What is the first letter of '{}'?", "Which letter does '{}' start with?")
 DOC_QUESTIONS = ["What does `{}` do?", "Briefly, what is `{}` for?", "Describe `{}` in one sentence."]
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -241,13 +242,23 @@ def sort_task(rng, words):
     return template.format(", ".join(chosen)), ", ".join(answer), ", ".join(wrong)
 
 
+def first_letter_task(rng, words):
+    word = rng.choice(words)
+    template = rng.choice(FIRST_LETTER_TEMPLATES)
+    wrong = word[1] if word[1] != word[0] else word[-1]  # another letter of the same word
+    return template.format(word), word[0], wrong
+
+
 def verifiable_task(rng, words):
     """(prompt, correct answer, plausibly wrong answer)."""
-    # arithmetic twice as often as each string task: the easiest to learn and to grade
-    kind = rng.choice(["arithmetic", "arithmetic", "reverse", "count", "uppercase", "sort"])
+    # The first letter of a word is what the tiny model learns within the demo's SFT (its first token decides it,
+    # and held-out words share first tokens with training words): RL then has answers that are sometimes right.
+    # Arithmetic twice as often as each other string task: the next easiest to learn and to grade.
+    kind = rng.choice(["first_letter", "first_letter", "first_letter", "arithmetic", "arithmetic", "reverse",
+                       "count", "uppercase", "sort"])
     if kind == "arithmetic":
         return arithmetic_task(rng)
-    return {"reverse": reverse_task, "count": count_task,
+    return {"first_letter": first_letter_task, "reverse": reverse_task, "count": count_task,
             "uppercase": uppercase_task, "sort": sort_task}[kind](rng, words)
 
 
@@ -320,6 +331,11 @@ def dpo_records(rng, tasks):
     return records
 
 
+def first_letter_tasks(tasks):
+    patterns = [re.escape(template).replace(r"\{\}", r"[a-z]+") for template in FIRST_LETTER_TEMPLATES]
+    return [task for task in tasks if any(re.fullmatch(pattern, task[0]) for pattern in patterns)]
+
+
 def rl_records(tasks):
     return [{"conversations": [message("user", prompt)], "answer": answer} for prompt, answer, _ in tasks]
 
@@ -357,8 +373,10 @@ def main():
     questions = doc_questions(definitions, rng)[:SFT_DOC_QA]
     write_jsonl(args.out_dir / "sft.jsonl", sft_records(rng, sft_tasks, multi_turn_tasks, questions))
     write_jsonl(args.out_dir / "dpo.jsonl", dpo_records(rng, dpo_tasks))
-    write_jsonl(args.out_dir / "rl_prompts.jsonl", rl_records(rl_tasks))
-    write_jsonl(args.out_dir / "rl_eval.jsonl", rl_records(eval_tasks))
+    # RL learns only from answers that are sometimes right: its prompts are the family the SFT model solves now and
+    # then (the others score 0 whatever it samples). Filtering leaves every other file as drawn.
+    write_jsonl(args.out_dir / "rl_prompts.jsonl", rl_records(first_letter_tasks(rl_tasks)))
+    write_jsonl(args.out_dir / "rl_eval.jsonl", rl_records(first_letter_tasks(eval_tasks)))
     print(f"done in {time.time() - started:.1f}s")
 
 
