@@ -19,6 +19,8 @@ def solve(prompt):
     if match := re.search(r"(\d+) ([+-]) (\d+)", prompt):
         a, op, b = int(match[1]), match[2], int(match[3])
         return str(a + b if op == "+" else a - b)
+    if match := re.search(r"(?:the first letter of|Which letter does) '(\w+)'", prompt):
+        return match[1][0]
     if match := re.search(r"(?:Reverse the word|Spell) '(\w+)'", prompt):
         return match[1][::-1]
     if match := re.search(r"(?:letters are in the word|Count the letters in) '(\w+)'", prompt):
