@@ -1,5 +1,5 @@
-"""The FSDP2 backend against DeepSpeed ZeRO-2 on the same seed (at 2 ranks and 1), its grad norm, checkpoints and
-export, and the ZeRO/FSDP comparison tool (bench/compare.py), whose two runs the FSDP tests reuse."""
+"""The FSDP2 backend against DeepSpeed ZeRO-2 on the same seed (pretrain at 2 ranks, DPO at 1), its grad norm,
+checkpoints and export, and the ZeRO/FSDP comparison tool (bench/compare.py), whose two runs the FSDP tests reuse."""
 from __future__ import annotations
 
 import json
@@ -81,18 +81,19 @@ def test_fsdp_checkpoint_resume_continues_the_uninterrupted_curve(comparison, tm
         assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
 
 
-def test_one_rank_fsdp_from_the_fsdp_export_matches_zero2(comparison, tmp_path):
-    """The consolidated export loads with --from_weight, and at world size 1 the curves agree as at 2."""
+def test_one_rank_fsdp_dpo_from_the_fsdp_export_matches_zero2(comparison, tmp_path):
+    """The consolidated export loads with --from_weight, and at world size 1 the curves agree as at 2; DPO's frozen
+    reference is copied from the sharded policy."""
     out, _ = comparison
     export = out / "runs" / "fsdp" / "export"
-    flags = ["--from_weight", str(export), "--model", "tiny", "--batch_size", "4", "--max_seq_len", "128",
-             "--max_steps", "3", "--log_interval", "1", "--eval_interval", "0", "--eval_batches", "1",
-             "--throughput_warmup_steps", "1"]
-    run_stage("sft", tmp_path / "fsdp", *flags, world_size=1, zero="fsdp")
-    run_stage("sft", tmp_path / "zero2", *flags, world_size=1, zero="2")
+    flags = ["--from_weight", str(export), "--batch_size", "2", "--max_steps", "3", "--log_interval", "1",
+             "--eval_interval", "0", "--eval_batches", "1", "--throughput_warmup_steps", "1"]
+    run_stage("dpo", tmp_path / "fsdp", *flags, world_size=1, zero="fsdp")
+    run_stage("dpo", tmp_path / "zero2", *flags, world_size=1, zero="2")
     fsdp, zero2 = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "zero2")
     assert read_run_config(tmp_path / "fsdp")["from_weight_path"] == str(export)
     assert len(fsdp) == len(zero2) == 3
+    assert fsdp[0]["train/loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the starting policy
     for ours, theirs in zip(fsdp, zero2):
         assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-6)
         assert ours["train/grad_norm"] == pytest.approx(theirs["train/grad_norm"], rel=2e-4)
