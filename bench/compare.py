@@ -203,18 +203,18 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"# {meta['stage']}: ZeRO stages, offload and FSDP2 side by side", "",
         f"Model `{meta['model']}` ({meta['parameters']:,} parameters), {meta['world_size']} ranks on "
         f"{meta['device']}, {meta['dtype']}, global batch {meta['global_batch']} rows of up to "
-        f"{meta['max_seq_len']} tokens, {meta['steps']} steps (rates over the last {meta['steps'] - meta['warmup_steps']},"
-        f" after {meta['warmup_steps']} warm-up steps), seed and data the same in every run. "
-        f"Command: `{meta['command']}`.", "",
+        f"{meta['max_seq_len']} tokens, {meta['steps']} steps (rates over the last "
+        f"{meta['steps'] - meta['warmup_steps']}, after {meta['warmup_steps']} warm-up steps), seed and data the "
+        f"same in every run. Command: `{meta['command']}`.", "",
         table(results, meta), "",
         f"{verdict} (reference: {meta['reference']}; largest relative difference allowed {tolerance.get('loss')} on "
         f"the loss, {tolerance.get('grad_norm')} on the grad norm for {meta['dtype']}).", "",
         "Rates, MFU and step time come from each run's metric line at the last step (docs/metrics.md). Peak memory is "
         "`system/peak_memory_gb`, the largest over the ranks of each rank's own peak: CUDA `max_memory_allocated` on "
-        "GPUs; on CPU the rank process's peak resident set size, which includes the Python interpreter and the "
-        "libraries (about the same in every configuration), not only model state.", "",
-        f"Raw figures (with each run's logged loss and grad norm curve): `results.json`; chart: `results.png`; each run's output: `runs/<config>/`, its log "
-        f"`runs/<config>.log`.", ""])
+        "GPUs; on CPU the rank process's peak resident set size, which also holds the interpreter, the libraries and "
+        "their buffers, not only model state.", "",
+        "Raw figures (with each run's logged loss and grad norm curve): `results.json`; chart: `results.png`; "
+        "each run's output: `runs/<config>/`, its log `runs/<config>.log`.", ""])
 
 
 def chart(results: list[dict], meta: dict, path: Path) -> None:
@@ -271,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "max_seq_len": args.max_seq_len, "stage_flags": stage_flags, "device": device_name(),
             "world_size": first.get("world_size"), "dtype": first.get("dtype"),
             "global_batch": first.get("global_batch"), "parameters": first.get("parameters"),
-            "reference": first.get("label"), "command": " ".join(["bash launch/compare_zero.sh", *(argv or sys.argv[1:])]),
+            "reference": first.get("label"),
+            "command": " ".join(["bash launch/compare_zero.sh", *(sys.argv[1:] if argv is None else argv)]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     if ran:
