@@ -37,7 +37,7 @@ def test_loss_is_token_weighted_over_the_window_and_counts_accumulate():
 
 
 def test_rates_are_null_during_warm_up_then_cover_only_later_steps():
-    metrics = tracker(warmup_steps=2)
+    metrics = tracker(warmup_steps=2, peak_flops=1e18)  # these steps take microseconds: far from any real peak
     add_step(metrics, 1.0, 10)
     first = metrics.collect(global_step=1, learning_rate=1e-3)
     assert first["train/tokens_per_second"] is None and first["train/mfu_percent"] is None
@@ -50,8 +50,16 @@ def test_rates_are_null_during_warm_up_then_cover_only_later_steps():
     assert record["train/steps_per_second"] == pytest.approx(1 / step_time)
     assert record["train/tokens_per_second"] == pytest.approx(13 / step_time)  # 2 steps of 13 tokens / 2 steps
     assert record["train/tflops_per_device"] == pytest.approx(1e9 / step_time / 1e12)
-    assert record["train/mfu_percent"] == pytest.approx(100 * 1e9 / step_time / 1e12)
+    assert record["train/mfu_percent"] == pytest.approx(100 * 1e9 / step_time / 1e18)
     assert record["train/eta_minutes"] == pytest.approx(6 * step_time / 60)
+
+
+def test_mfu_above_the_peak_is_null_with_a_warning(capsys):
+    metrics = tracker(warmup_steps=0, peak_flops=1.0)  # a peak no step can stay under
+    add_step(metrics, 1.0, 10)
+    record = metrics.collect(global_step=1, learning_rate=1e-3)
+    assert record["train/tflops_per_device"] > 0 and record["train/mfu_percent"] is None
+    assert "below what this run achieves" in capsys.readouterr().err
 
 
 def test_skipped_step_counts_and_its_norm_is_null_not_stale():

@@ -276,13 +276,19 @@ class MetricsTracker:
         step_time = elapsed / steps if rates_known else None
         if self.peak_flops is None:
             self.warn_once("peak", "device peak FLOP/s unknown: MFU logged as null (set --peak_tflops)")
+        mfu = 100 * per_device_flops / self.peak_flops if rates_known and self.peak_flops else None
+        if mfu is not None and mfu > 100:
+            # More than the peak is impossible: the peak is wrong (a CPU measured while loaded, a GPU misnamed).
+            self.warn_once("mfu_over_peak", f"MFU came out at {mfu:.0f}% at step {global_step}: the device peak of "
+                                            f"{self.peak_flops / 1e12:.4g} TFLOP/s is below what this run achieves; "
+                                            f"MFU logged as null (set --peak_tflops)")
+            mfu = None
         record.update({
             "train/tokens_per_second": rate_tokens / elapsed if rates_known else None,
             "train/samples_per_second": rate_samples / elapsed if rates_known else None,
             "train/steps_per_second": steps / elapsed if rates_known else None,
             "train/tflops_per_device": per_device_flops / 1e12 if rates_known else None,
-            "train/mfu_percent": 100 * per_device_flops / self.peak_flops
-            if rates_known and self.peak_flops else None,
+            "train/mfu_percent": mfu,
             "system/step_time_s": step_time,
             "train/eta_minutes": max(0, self.total_steps - global_step) * step_time / 60 if rates_known else None,
             "system/epoch_time": (now - self.epoch_start) / 60,

@@ -136,7 +136,12 @@ def measure_gemm_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -
 
 
 def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
-    """Measured CPU GEMM peak, averaged over ranks that ran at once; cached so later runs skip it."""
+    """Measured CPU GEMM peak, averaged over ranks that ran at once: the best rate this machine has shown.
+
+    Every run measures again (about a tenth of a second) and keeps the higher of that and the cached figure. A
+    single measurement on a loaded machine comes out several times too low and would then inflate MFU past 100%
+    for every later run; a peak only ever rises towards what the hardware does.
+    """
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     threads = torch.get_num_threads()
     ranks_on_node = local_world_size()
@@ -146,12 +151,11 @@ def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    cached = cache.get(key)
-    # Every rank must agree on whether to measure (the mean is a collective): measure unless all have it.
-    if reduce(float(cached or 0.0), "min") > 0:
-        peak = reduce(float(cached), "mean")
-    else:
-        peak = reduce(measure_gemm_flops(torch_dtype), "mean")
+    measured = reduce(measure_gemm_flops(torch_dtype), "mean")
+    # The ranks may have read different cache files (one per node): the lowest keeps every rank on one figure.
+    cached = reduce(float(cache.get(key) or 0.0), "min")
+    peak = max(measured, cached)
+    if peak > float(cache.get(key) or 0.0):
         cache[key] = peak
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,8 @@ def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
         except OSError as error:
             warnings.warn(f"could not cache the CPU peak in {cache_file}: {error}")
     return PeakFlops(peak, f"measured: best 1024^3 {dtype} GEMM per rank, {threads} threads, "
-                           f"{ranks_on_node} ranks on the node at once ({_cpu_model()}); key {key}")
+                           f"{ranks_on_node} ranks on the node at once ({_cpu_model()}), the highest of this run's "
+                           f"{measured / T:.4f} TFLOP/s and the cached best; key {key}")
 
 
 def device_peak(dtype: str, override_tflops: Optional[float], cache_dir: Path, reduce) -> PeakFlops:
