@@ -113,7 +113,7 @@ def step_batches(train, step):
 def check_wins(logged: float, margins: list[float]) -> None:
     """The logged win rate against margins recomputed in float64: only a margin within fp32 noise may differ."""
     wins, ties = sum(m > 0 for m in margins), sum(abs(m) < 1e-6 for m in margins)
-    assert abs(logged * len(margins) - wins) <= ties
+    assert abs(logged * len(margins) - wins) <= ties + 1e-9  # the logged rate is a float: 70/94·94 is not exactly 70
 
 
 def check_keys_and_counts(records, train, stage_keys, supervised_per_pair=None):
