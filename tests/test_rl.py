@@ -247,7 +247,7 @@ def test_rl_raises_a_learnable_rule_reward(tmp_path, stage, margin):
     data_config = reply_ok_policy(tmp_path)
     run_stage(stage, tmp_path / stage, "--data_config", str(data_config), "--out_root", str(tmp_path),
               "--from_weight", "sft", "--reward", "rule", "--batch_size", "8", "--max_new_tokens", "8",
-              "--learning_rate", "1e-3", "--max_steps", "16", "--epochs", "3", "--log_interval", "1",
+              "--learning_rate", "2e-3", "--max_steps", "16", "--epochs", "3", "--log_interval", "1",
               "--eval_interval", "0", "--eval_batches", "0", "--save_interval", "0", "--seed", str(SEED),
               *(["--group_size", "4"] if stage == "grpo" else []), world_size=1, zero="2")
     rewards = [record["objective/reward"] for record in read_metrics(tmp_path / stage)]
