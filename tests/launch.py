@@ -17,7 +17,7 @@ CONTRACT = ["train/loss", "train/learning_rate", "train/grad_norm", "train/epoch
             "train/tokens_per_second", "train/samples_per_second", "train/steps_per_second",
             "train/num_input_tokens_seen", "train/num_supervised_tokens_seen", "train/mfu_percent",
             "train/tflops_per_device", "train/eta_minutes", "system/epoch_time", "system/step_time_s",
-            "system/peak_memory_gb", "train/skipped_steps"]
+            "system/peak_memory_gb", "system/data_wait_percent", "train/skipped_steps"]
 
 
 def free_port() -> int:

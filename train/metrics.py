@@ -3,7 +3,8 @@
 Costs nothing per micro-step beyond adding tensors: losses and stage sums stay on the device, token and
 FLOP counts are host integers made from the CPU batch before it moves. Once per log step, one all-gather of
 one packed vector and one copy to the host; the clock is read after a device synchronize at both ends of
-each rate window. Definitions of every key are in docs/metrics.md.
+each rate window. The data wait inside it is host time alone (loading and preparing batches is host work).
+Definitions of every key are in docs/metrics.md.
 
 Non-finite steps are found the same way: each step's flags (a NaN/Inf loss or gradient norm; an update held
 back) stay on the device, with the step's data position on the host, and travel in that one all-gather.
@@ -14,6 +15,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -73,6 +75,7 @@ class _Window:
     rate_samples: int = 0
     rate_flops: float = 0.0
     rate_steps: int = 0
+    rate_data_wait: float = 0.0  # host seconds spent getting and preparing the rate window's micro-batches
     extra_sums: dict = field(default_factory=dict)  # name -> device tensor
     extra_counts: dict = field(default_factory=dict)  # name -> float
     steps: list = field(default_factory=list)  # StepOutcome of every step of the window
@@ -121,6 +124,18 @@ class MetricsTracker:
 
     def start_epoch(self) -> None:
         self.epoch_start = time.perf_counter()
+
+    @contextmanager
+    def waiting_for_data(self):
+        """Count the block's host time as waiting for data (no device sync: the loader and batch preparation
+        run on the host). Only inside the rate window, so warm-up, evaluation and saving stay out of it."""
+        if not self.enabled:
+            yield
+            return
+        started = time.perf_counter()
+        yield
+        if self.rate_window_start is not None:
+            self.window.rate_data_wait += time.perf_counter() - started
 
     def begin_step(self, step: int, epoch: int, first_micro_batch: int) -> None:
         """Where the step about to run takes its data from (reported if it turns out non-finite)."""
@@ -230,19 +245,20 @@ class MetricsTracker:
             w.input_tokens, w.supervised_tokens, w.samples,
             w.rate_tokens, w.rate_samples, w.rate_flops,
             grad_norm if grad_norm is not None else float("nan"),
-            peak_memory_gb(),
+            peak_memory_gb(), w.rate_data_wait,
             *[w.extra_sums[n] for n in extra_names], *[w.extra_counts[n] for n in extra_names],
             *self._step_flags(),
         ]
         rows = self._gather(local)
-        extras_end = 12 + 2 * len(extra_names)
+        extras_end = 13 + 2 * len(extra_names)
         self._resolve_steps(rows[:, extras_end:])
         totals = rows[:, :extras_end].sum(dim=0).tolist()
         (loss_sum, loss_weight, aux_sum, micro_batches, input_tokens, supervised_tokens, samples,
          rate_tokens, rate_samples, rate_flops) = totals[:10]
-        extras_total = totals[12:]
+        extras_total = totals[13:]
         grad_norm_value = rows[0, 10].item()
         memory = rows[:, 11].max().item()
+        data_wait = rows[:, 12].max().item()  # the rank that waited longest holds the others up at the next collective
 
         self.tokens_seen += int(input_tokens)
         self.supervised_tokens_seen += int(supervised_tokens)
@@ -290,6 +306,7 @@ class MetricsTracker:
             "train/tflops_per_device": per_device_flops / 1e12 if rates_known else None,
             "train/mfu_percent": mfu,
             "system/step_time_s": step_time,
+            "system/data_wait_percent": 100 * data_wait / elapsed if rates_known else None,
             "train/eta_minutes": max(0, self.total_steps - global_step) * step_time / 60 if rates_known else None,
             "system/epoch_time": (now - self.epoch_start) / 60,
         })

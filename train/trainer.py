@@ -235,7 +235,8 @@ class Trainer:
     def optimizer_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step of the stage's loss over the step's micro-batches (Stage.train_step's default)."""
         cfg, engine, stage = self.cfg, self.engine, self.stage
-        micro_batches = [stage.prepare_batch(batch) for batch in micro_batches]
+        with self.metrics.waiting_for_data():
+            micro_batches = [stage.prepare_batch(batch) for batch in micro_batches]
         weights = [stage.loss_weight(batch) for batch in micro_batches]
         scale = self.loss_scale(sum(weights))
         grad_norm = None
@@ -409,7 +410,9 @@ class Trainer:
             while epoch_step < self.epoch_steps[self.epoch] and not done:
                 learning_rate = self.engine.get_lr()[0]  # the rate this step's updates use
                 self.metrics.begin_step(self.global_step + 1, self.epoch, epoch_step * cfg.accumulation_steps)
-                self.stage.train_step(self, [next(batches) for _ in range(cfg.accumulation_steps)])
+                with self.metrics.waiting_for_data():
+                    micro_batches = [next(batches) for _ in range(cfg.accumulation_steps)]
+                self.stage.train_step(self, micro_batches)
                 self.learning_rate = learning_rate
                 self.global_step += 1
                 epoch_step += 1
