@@ -3,6 +3,9 @@
 Prompts are left-padded so every row's next token is predicted at the same column. Padding gets
 document id -1, which hides it from real tokens, and rotary positions count real tokens only,
 so a padded row generates exactly what the same prompt would generate alone.
+
+Without the cache (use_cache=False) every new token re-runs the forward over the whole sequence
+with the same ids, positions and document ids: the baseline bench/rollout.py measures the cache against.
 """
 
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ def generate(model: Transformer, prompts: list[list[int]] | torch.Tensor, max_ne
              attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              pad_token_id: int = 0, greedy: bool = False,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
     """Continue each prompt by up to max_new_tokens tokens.
 
     prompts: lists of token ids (padded here), or a left-padded [B, P] tensor with
@@ -33,6 +36,7 @@ def generate(model: Transformer, prompts: list[list[int]] | torch.Tensor, max_ne
     greedy or temperature == 0 takes the argmax; otherwise samples from softmax(logits / temperature)
     restricted to the top_k tokens and/or the smallest set whose probability reaches top_p.
     A row stops at eos_token_id and emits pad_token_id afterwards; decoding ends when all rows stop.
+    use_cache=False re-runs the whole sequence for every new token (same tokens, only slower).
     The model runs in eval mode and gets its previous mode back.
     """
     if max_new_tokens < 1:
@@ -46,7 +50,7 @@ def generate(model: Transformer, prompts: list[list[int]] | torch.Tensor, max_ne
     model.eval()
     try:
         tokens = _decode(model, input_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
-                         lambda logits: _sample(logits, temperature, top_k, top_p, greedy, generator))
+                         lambda logits: _sample(logits, temperature, top_k, top_p, greedy, generator), use_cache)
     finally:
         model.train(was_training)
 
@@ -59,15 +63,12 @@ def generate(model: Transformer, prompts: list[list[int]] | torch.Tensor, max_ne
     return Generation(tokens=tokens, lengths=lengths, mask=mask)
 
 
-def _decode(model, input_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
-            sample) -> torch.Tensor:
-    cache = KVCache(model.config.num_layers, capacity=input_ids.shape[1] + max_new_tokens)
+def _decode(model, input_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, sample,
+            use_cache) -> torch.Tensor:
+    cache = KVCache(model.config.num_layers, capacity=input_ids.shape[1] + max_new_tokens) if use_cache else None
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     doc_ids = torch.where(prompt_mask, 0, -1)
-    # Only the last position's logits are sampled from: the LM head runs there alone.
-    hidden = model(input_ids, doc_ids=doc_ids, position_ids=positions, kv_cache=cache, return_hidden=True).hidden
-    logits = model.logits_from_hidden(hidden[:, -1])
-    next_position = positions[:, -1:] + 1
+    logits = _last_logits(model, input_ids, doc_ids, positions, cache)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -77,9 +78,21 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, eos_token_id, pad_tok
             finished |= token == eos_token_id
         if step + 1 == max_new_tokens or finished.all():
             break
-        logits = model(token[:, None], position_ids=next_position, kv_cache=cache).logits[:, -1]
-        next_position = next_position + 1
+        token, position = token[:, None], positions[:, -1:] + 1
+        if use_cache:  # the cache holds everything before: only the new token runs
+            input_ids, doc_ids, positions = token, torch.zeros_like(token), position
+        else:
+            input_ids = torch.cat([input_ids, token], dim=1)
+            doc_ids = torch.cat([doc_ids, torch.zeros_like(token)], dim=1)
+            positions = torch.cat([positions, position], dim=1)
+        logits = _last_logits(model, input_ids, doc_ids, positions, cache)
     return torch.stack(new_tokens, dim=1)
+
+
+def _last_logits(model, input_ids, doc_ids, positions, cache) -> torch.Tensor:
+    """Logits of the last position only: the LM head runs there alone."""
+    hidden = model(input_ids, doc_ids=doc_ids, position_ids=positions, kv_cache=cache, return_hidden=True).hidden
+    return model.logits_from_hidden(hidden[:, -1])
 
 
 def _sample(logits, temperature, top_k, top_p, greedy, generator) -> torch.Tensor:
