@@ -41,6 +41,14 @@ def main() -> None:
     batches = endless_batches()
     trainer.engine.train()
     trainer.learning_rate = trainer.engine.get_lr()[0]
+    trainer.metrics.start_epoch()
+
+    def train_step() -> None:
+        # The loop of Trainer.train, without its epoch bookkeeping: the step count only feeds the log schedule.
+        trainer.metrics.begin_step(trainer.global_step + 1, 0, 0)
+        trainer.stage.train_step(trainer, [next(batches) for _ in range(cfg.accumulation_steps)])
+        trainer.global_step += 1
+        trainer._after_step(min(trainer.global_step, trainer.epoch_steps[0]), done=False)
 
     def run_block(metrics_on: bool) -> float:
         trainer.cfg.metrics = trainer.metrics.enabled = metrics_on
@@ -48,14 +56,13 @@ def main() -> None:
         distributed.synchronize()
         start = time.perf_counter()
         for _ in range(own.steps_per_block):
-            trainer._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
-            trainer._after_step(trainer.global_step, done=False)
+            train_step()
         distributed.synchronize()
         distributed.barrier()
         return (time.perf_counter() - start) / own.steps_per_block
 
     for _ in range(cfg.throughput_warmup_steps):  # warm-up, measured by neither side
-        trainer._optimizer_step([next(batches) for _ in range(cfg.accumulation_steps)])
+        train_step()
     times = {True: [], False: []}
     for block in range(own.blocks):
         for metrics_on in ((True, False) if block % 2 == 0 else (False, True)):
