@@ -1,14 +1,17 @@
 # Set-up is part of every target: a fresh machine needs only Python 3.11 and these two commands.
 #   make demo   tiny model through every stage on the shipped/generated demo data (CPU when there is no GPU)
 #   make test   the test suite (what .ci/run runs)
+#   make bench-peer  zerostage vs HF Trainer (SFT) and TRL DPOTrainer (DPO) on this CPU (bench/peer.py; flags in
+#                    PEER_FLAGS, e.g. PEER_FLAGS="--threads 8"); installs requirements-bench.txt, which make test never needs
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 DEMO_DATA := dataset/.complete
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data clean bench-peer
 .DEFAULT_GOAL := demo
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -18,6 +21,11 @@ $(INSTALLED): requirements.txt pyproject.toml
 	touch $@
 
 setup: $(INSTALLED)
+
+# The peer benchmark's packages on top of the project's; torch is pinned in the file too, so it stays as it is.
+$(BENCH_INSTALLED): $(INSTALLED) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
 
 $(DEMO_DATA): $(INSTALLED) scripts/make_demo_data.py
 	$(PY) scripts/make_demo_data.py --out_dir dataset
@@ -30,6 +38,9 @@ demo: $(DEMO_DATA)
 
 test: $(DEMO_DATA)
 	$(PY) -m pytest -q
+
+bench-peer: $(BENCH_INSTALLED) $(DEMO_DATA)
+	$(PY) bench/peer.py $(PEER_FLAGS)
 
 clean:
 	rm -rf out .cache dataset
