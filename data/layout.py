@@ -54,3 +54,29 @@ def check_loader_options(store, batch_size: int, rank: int, world_size: int, wei
     if weights is not None and (len(weights) != store.num_sources or min(weights) < 0):
         raise ValueError(f"weights {list(weights)} must be {store.num_sources} non-negative numbers, "
                          f"one per source of {store!r}")
+
+
+def fit_pair_lengths(chosen: np.ndarray, rejected: np.ndarray, seq_len: int) -> np.ndarray:
+    """[N, 2] (chosen, rejected) lengths kept when each pair must fit one row of seq_len tokens.
+
+    A pair that fits is kept whole. Otherwise its sides are cut at their ends, the shorter one kept whole when it
+    holds at most half the row, else the chosen side keeping ceil(T/2) tokens and the rejected side floor(T/2):
+    the longest prefixes of both that fit together.
+    """
+    chosen = np.minimum(chosen, seq_len)
+    kept_chosen = np.minimum(chosen, np.maximum(seq_len - rejected, -(-seq_len // 2)))
+    return np.stack([kept_chosen, np.minimum(rejected, seq_len - kept_chosen)], axis=1)
+
+
+def pack_pairs(pair_tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """[rows + 1] boundaries: row r holds pairs row_starts[r]:row_starts[r + 1] of the epoch's order.
+
+    pair_tokens: each pair's kept length (both sides), at most seq_len. Greedy in order: a row takes the next
+    pairs while they fit, and never splits one.
+    """
+    stream_ends = np.cumsum(pair_tokens)
+    row_starts = [0]
+    while row_starts[-1] < len(pair_tokens):
+        row_start = stream_ends[row_starts[-1] - 1] if row_starts[-1] else 0
+        row_starts.append(int(np.searchsorted(stream_ends, row_start + seq_len, side="right")))
+    return np.asarray(row_starts, dtype=np.int64)

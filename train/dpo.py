@@ -40,7 +40,7 @@ class DPOConfig(TrainConfig):
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """([rows] Σ log p(label) over each row's supervised positions in fp32, the MoE aux loss). Logits are
+    """([2P] Σ log p(label) over each answer's supervised positions in fp32, the MoE aux loss). Logits are
     computed at those positions only, and log p is the label's logit minus the logsumexp: no log-softmax copy."""
     output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
                    return_hidden=True)
@@ -48,8 +48,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, Optional[torch.Ten
     logits = unwrap(model).logits_from_hidden(output.hidden.flatten(0, 1)[positions]).float()
     targets = batch["labels"].flatten()[positions]
     token_logps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
-    rows, width = batch["labels"].shape
-    return torch.zeros(rows, device=logits.device).index_add(0, positions // width, token_logps), output.aux_loss
+    answers = torch.zeros(2 * len(batch["real_pairs"]), device=logits.device)
+    return answers.index_add(0, batch["target_answers"], token_logps), output.aux_loss
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float,
@@ -77,6 +77,8 @@ class DPOStage(PairedStage):
         batch = super().prepare_batch(batch)
         # On the host, where the count is known: on a GPU, boolean indexing would wait for the device.
         batch["target_positions"] = (batch["labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        batch["target_answers"] = batch["sequence_ids"].flatten()[batch["target_positions"]]
+        batch["targets_per_answer"] = torch.bincount(batch["target_answers"], minlength=2 * len(batch["real_pairs"]))
         return batch
 
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
@@ -92,10 +94,10 @@ class DPOStage(PairedStage):
         with torch.no_grad():
             reference, _ = sequence_logps(self.reference, batch)
         if self.kind == "ipo":
-            tokens = (batch["labels"] != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+            tokens = batch["targets_per_answer"].clamp_min(1)
             policy, reference = policy / tokens, reference / tokens
         losses, chosen, rejected = dpo_loss(policy, reference, self.beta, self.kind)
-        real = self.real_pairs(batch).float()
+        real = batch["real_pairs"].float()
         policy_chosen, policy_rejected = policy.chunk(2)
         extras = {name: ((value.detach() * real).sum(), batch["pairs"]) for name, value in [
             ("rewards/chosen", chosen), ("rewards/rejected", rejected),

@@ -42,7 +42,11 @@ class RewardStage(PairedStage):
 
     def prepare_batch(self, batch: dict) -> dict:
         batch = super().prepare_batch(batch)
-        batch["last_positions"] = ((batch["doc_ids"] >= 0).sum(dim=1) - 1).clamp_min(0)
+        # [2P] index into the flattened tokens of each answer's last token (0 for a padding pair's empty answers).
+        flat = batch["sequence_ids"].flatten()
+        positions = (flat >= 0).nonzero().squeeze(1)
+        answers = torch.zeros(2 * len(batch["real_pairs"]), dtype=torch.long)
+        batch["last_positions"] = answers.scatter_reduce(0, flat[positions], positions, "amax")
         return batch
 
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
@@ -52,9 +56,9 @@ class RewardStage(PairedStage):
 
     def loss(self, engine, batch: dict) -> LossOutput:
         output = engine(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
-        scores = output.values.float().gather(1, batch["last_positions"][:, None]).squeeze(1)
+        scores = output.values.float().flatten()[batch["last_positions"]]
         chosen, rejected = scores.chunk(2)
-        real = self.real_pairs(batch).float()
+        real = batch["real_pairs"].float()
         margins = (chosen - rejected).detach()
         extras = {"reward/accuracy": (((margins > 0).float() * real).sum(), batch["pairs"]),  # a tie is not a win
                   "reward/margin": ((margins * real).sum(), batch["pairs"])}

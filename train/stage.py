@@ -139,10 +139,14 @@ class LanguageModelStage(Stage):
 
 
 class PairedStage(Stage):
-    """Preference pairs: [2B, T] rows, the B chosen answers then the B rejected answers of the same prompts.
+    """Preference pairs in either loader layout (data/loader.py): padded, [2B, T] rows, the B chosen answers then the
+    B rejected answers of the same pairs; packed, B rows of whole pairs (--batch_size counts rows, not pairs), with
+    sequence_ids saying which answer each token belongs to.
 
-    prepare_batch drops the padding columns every row has (the demo's pairs fill a tenth of max_seq_len), and
-    notes the number of real pairs: evaluation completes its last batch with all-padding pairs.
+    prepare_batch brings both to the form the losses reduce over, the batch's P pairs as 2P answers ordered like the
+    padded rows: sequence_ids (padded: the row) and real_pairs, [P] bool (evaluation completes its last padded batch
+    with all-padding pairs; a packed batch holds none). It also drops the padding columns every row has (the demo's
+    pairs fill a tenth of max_seq_len) and notes the number of real pairs.
     """
     data_kind = "dpo"
     default_packing = "padded"
@@ -152,13 +156,17 @@ class PairedStage(Stage):
         used = (batch["doc_ids"] >= 0).any(dim=0).nonzero()
         width = int(used.max()) + 1 if len(used) else 1
         batch = {name: value[:, :width] for name, value in batch.items()}
-        batch["pairs"] = int(self.real_pairs(batch).sum())
+        doc_ids = batch["doc_ids"]
+        if "sequence_ids" in batch:
+            pairs = (int(batch["sequence_ids"].max()) + 1) // 2
+            batch["real_pairs"] = torch.ones(pairs, dtype=torch.bool)
+        else:
+            rows = doc_ids.shape[0]
+            batch["sequence_ids"] = torch.where(doc_ids >= 0, torch.arange(rows)[:, None], -1)
+            batch["real_pairs"] = doc_ids[: rows // 2, 0] >= 0
+        batch["pairs"] = int(batch["real_pairs"].sum())
         return batch
 
     def loss_weight(self, batch: dict) -> int:
         return batch["pairs"]
 
-    @staticmethod
-    def real_pairs(batch: dict) -> torch.Tensor:
-        """[B] bool: the pairs that are not padding (wherever the batch is)."""
-        return batch["doc_ids"][: batch["doc_ids"].shape[0] // 2, 0] >= 0
