@@ -1,0 +1,68 @@
+"""`--compile`: torch.compile per transformer block, as torchtitan does.
+
+Each block's forward is compiled in place (no wrapper module, so parameter names and checkpoints are unchanged).
+All blocks share one graph (parameters are graph inputs, not constants), and the engine's hooks stay outside it:
+DeepSpeed ZeRO 0-2 hook parameters and gradients, FSDP2 shards at block granularity. ZeRO-3 is refused in
+train/engine.py: its parameter hooks sit on every submodule, inside the block, and break its graph apart.
+
+Decoding with a KV cache (generation, PPO/GRPO rollouts) stays eager: the cache's length changes every token and
+the cache object is mutated, which would retrace the block at every length.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.attention import DocumentMask, resolve_impl
+from model.model import Block
+from train import distributed
+
+# Traces of the block one run is expected to need: training and evaluation (grad mode and dropout differ), each
+# first for the first sequence length seen and, once it changes (SFT/DPO trim padding per batch), once more with
+# the length dynamic (`dynamic=None`). RL stages add a few more (no-grad scoring in train mode, the critic).
+EXPECTED_TRACES = 4
+_traces = {"count": 0, "warned": False}
+
+
+def trace_count() -> int:
+    """Frames torch.compile has traced in this process (retraces included), counted since the first compile."""
+    return _traces["count"]
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Compile the forward of every transformer block of `model`; returns how many there are."""
+    from torch._dynamo.callback import callback_handler, on_compile_end
+
+    if _count_trace not in callback_handler.end_callbacks:
+        on_compile_end(_count_trace)
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.forward = _compiled_forward(block)
+    return len(blocks)
+
+
+def _compiled_forward(block: Block):
+    eager, compiled = block.forward, torch.compile(block.forward, dynamic=None)
+
+    def forward(h, cos, sin, mask: DocumentMask, kv_cache):
+        if kv_cache is not None:
+            return eager(h, cos, sin, mask, kv_cache)
+        if not mask.causal_only:
+            # Build the mask all layers share here, eagerly: it is a cached_property, whose lock (Python 3.11) and,
+            # for flash, host sync would split the graph into six pieces.
+            _ = mask.varlen if resolve_impl(block.attn.attn_impl, h, h) == "flash" else mask.dense
+        return compiled(h, cos, sin, mask, kv_cache)
+    return forward
+
+
+def _count_trace(args) -> None:
+    from torch._dynamo.callback import CallbackTrigger
+
+    if args.callback_trigger != CallbackTrigger.DYNAMO:  # backward graphs compiled later are not retraces
+        return
+    _traces["count"] += 1
+    if _traces["count"] > EXPECTED_TRACES and not _traces["warned"] and distributed.is_main():
+        _traces["warned"] = True
+        print(f"WARNING: --compile: torch.compile has traced the transformer block {_traces['count']} times "
+              f"(expected about {EXPECTED_TRACES}); each retrace is another compile, and past "
+              f"{torch._dynamo.config.recompile_limit} the block runs eager. TORCH_LOGS=recompiles names the "
+              f"guard that failed.", flush=True)
