@@ -1,4 +1,5 @@
-"""Epoch layouts shared by every loader: which documents an epoch reads, and which rows a rank gets.
+"""Epoch layouts shared by every loader: which documents an epoch reads, how preference pairs fill rows, and which
+rows a rank gets.
 
 Everything is a pure function of (seed, epoch) and the store, so all ranks agree without
 communicating and a resumed run recomputes exactly the order it was interrupted in.

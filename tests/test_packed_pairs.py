@@ -15,8 +15,9 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.store import PairedStore
 from data.tokenizer import load_tokenizer
-from model import ModelConfig, RewardModel, Transformer, save_pretrained
+from model import ModelConfig, RewardModel, Transformer
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, read_run_config, run_stage
+from tests.test_preference_runs import out_root  # noqa: F401 (the fixture: an SFT export for --from_weight sft)
 from tests.test_data_loader import FIRST_ID, Trace, build_store, random_lengths
 from train.dpo import DPOStage
 from train.reward import RewardStage
@@ -185,15 +186,6 @@ ROWS, ACCUMULATION, STEPS, SEED = 2, 1, 2, 42
 
 
 @pytest.fixture(scope="module")
-def out_root(tmp_path_factory):
-    """Where `--from_weight sft` looks: an SFT export (an untrained one does for the mechanics)."""
-    root = tmp_path_factory.mktemp("out")
-    torch.manual_seed(SEED)
-    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), root / "sft" / "export")
-    return root
-
-
-@pytest.fixture(scope="module")
 def demo_batches():
     """Each rank's first STEPS packed micro-batches of the demo pairs, as the runs must read them."""
     config = load_data_config(REPO_ROOT / DATA_CONFIG)
@@ -204,7 +196,7 @@ def demo_batches():
 
 @pytest.mark.parametrize("stage, keys", [("dpo", ["rewards/chosen", "rewards/margins", "logps/chosen"]),
                                          ("reward", ["reward/accuracy", "reward/margin"])])
-def test_packed_run_at_world_size_two(stage, keys, out_root, demo_batches, tmp_path):
+def test_packed_run_at_world_size_two(stage, keys, out_root, demo_batches, tmp_path):  # noqa: F811
     run_stage(stage, tmp_path, "--out_root", str(out_root), "--from_weight", "sft", "--packing", "packed",
               "--batch_size", str(ROWS), "--accumulation_steps", str(ACCUMULATION), "--max_steps", str(STEPS),
               "--log_interval", "1", "--eval_interval", "0", "--eval_batches", "1", "--save_interval", "0",
