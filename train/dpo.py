@@ -77,7 +77,7 @@ class DPOStage(PairedStage):
         batch = super().prepare_batch(batch)
         # On the host, where the count is known: on a GPU, boolean indexing would wait for the device.
         batch["target_positions"] = (batch["labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        batch["target_answers"] = batch["sequence_ids"].flatten()[batch["target_positions"]]
+        batch["target_answers"] = batch["sequence_ids"].flatten()[batch["target_positions"]]  # which of the 2P
         batch["targets_per_answer"] = torch.bincount(batch["target_answers"], minlength=2 * len(batch["real_pairs"]))
         return batch
 
