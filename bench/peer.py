@@ -371,8 +371,6 @@ def dpo_comparison(args, config: ModelConfig, tokenizer, differences: list[str])
         "DPO logits: both project only the supervised positions through the LM head (TRL's fused LM head, "
         "zerostage's logits_from_hidden); TRL's head also computes entropy, mean logit and top-1 accuracy for its "
         "logged metrics, which zerostage does not.",
-        "DPO rows: TRL pads chosen and rejected rows to the longest of the batch; zerostage drops the padding columns "
-        "every row of the batch has (the same width).",
         "DPO data: the pairs reach TRL already tokenized by zerostage (its _prepare_dataset, which re-renders chats "
         "from text, is bypassed); TRL's own collator (DataCollatorForPreference) builds the batches.",
     ]
