@@ -18,6 +18,10 @@ $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	# DeepSpeed's CPU ranks load a shared-memory collective op that is compiled on first use (about 3 minutes on
+	# 2 cores); building it here keeps that out of the first run. A CUDA machine does not use it.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -c "import torch; from deepspeed.comm.torch import \
+	  build_shm_op; torch.cuda.is_available() or build_shm_op()"
 	touch $@
 
 setup: $(INSTALLED)

@@ -205,8 +205,6 @@ def test_dpo_batches_stack_chosen_then_rejected_of_the_same_pairs(tmp_path):
             chosen_doc = chosen_trace.doc_of[chosen_trace.index(batch["input_ids"][i, 0])]
             rejected_doc = rejected_trace.doc_of[rejected_trace.index(batch["input_ids"][batch_size + i, 0])]
             assert chosen_doc == rejected_doc
-    with pytest.raises(ValueError, match="padded"):
-        BatchLoader(pairs, batch_size, seq_len=32, mode="packed")
 
 
 def test_bad_options_are_rejected(store):
