@@ -1,6 +1,6 @@
 """`--compile` (train/compile.py): the compiled blocks train like the eager ones under ZeRO-2 and FSDP2, evaluation
 and KV-cache generation still agree with an eager copy, changing sequence widths retrace once rather than every
-step, and ZeRO-3 is refused naming the options.
+step, more traces than expected warn once, and ZeRO-3 and MoE models are refused naming the options.
 
 One process (tests/compile_runs.py) runs every engine, so the compile is paid once.
 """
@@ -13,6 +13,8 @@ import sys
 import pytest
 
 from tests.launch import REPO_ROOT, free_port, run_command
+from model import ModelConfig, Transformer
+from train import compile as compiling
 from train.config import ConfigError, TrainConfig, parse_config
 from train.engine import build_ds_config
 
@@ -73,3 +75,21 @@ def test_compile_flag_parses_and_defaults_off():
     assert parse_config({"data_config": "x"}, []).compile is False
     assert parse_config({"data_config": "x"}, ["--compile", "true"]).compile is True
     assert parse_config({"data_config": "x"}, ["--compile"]).compile is True
+
+
+def test_moe_model_is_refused_naming_the_options():
+    with pytest.raises(ConfigError, match=r"--compile: not supported for mixture-of-experts.*tiny-moe.*--compile false"):
+        compiling.compile_blocks(Transformer(ModelConfig.from_preset("tiny-moe")))
+
+
+def test_traces_past_the_expected_number_warn_once(monkeypatch, capsys):
+    from torch._dynamo.callback import CallbackArgs, CallbackTrigger
+
+    monkeypatch.setattr(compiling, "_traces", {"count": compiling.EXPECTED_TRACES - 1, "warned": False})
+    compiling._count_trace(CallbackArgs(CallbackTrigger.DYNAMO, "0/0"))
+    compiling._count_trace(CallbackArgs(CallbackTrigger.LAZY_BACKWARD, "0/0"))  # a backward graph, not a retrace
+    assert compiling.trace_count() == compiling.EXPECTED_TRACES and capsys.readouterr().out == ""
+    for _ in range(3):
+        compiling._count_trace(CallbackArgs(CallbackTrigger.DYNAMO, "0/1"))
+    warnings = capsys.readouterr().out.count("WARNING: --compile: torch.compile has traced the transformer block")
+    assert warnings == 1 and compiling.trace_count() == compiling.EXPECTED_TRACES + 3

@@ -3,7 +3,8 @@
 Each block's forward is compiled in place (no wrapper module, so parameter names and checkpoints are unchanged).
 All blocks share one graph (parameters are graph inputs, not constants), and the engine's hooks stay outside it:
 DeepSpeed ZeRO 0-2 hook parameters and gradients, FSDP2 shards at block granularity. ZeRO-3 is refused in
-train/engine.py: its parameter hooks sit on every submodule, inside the block, and break its graph apart.
+train/engine.py: its parameter hooks sit on every submodule, inside the block, and break its graph apart; so is a
+mixture-of-experts FFN, whose routing breaks it at every expert.
 
 Decoding with a KV cache (generation, PPO/GRPO rollouts) stays eager: the cache's length changes every token and
 the cache object is mutated, which would retrace the block at every length.
@@ -15,6 +16,7 @@ import torch
 from model.attention import DocumentMask, resolve_impl
 from model.model import Block
 from train import distributed
+from train.config import ConfigError
 
 # Traces of the block one run is expected to need: training and evaluation (grad mode and dropout differ), each
 # first for the first sequence length seen and, once it changes (SFT/DPO trim padding per batch), once more with
@@ -24,7 +26,7 @@ _traces = {"count": 0, "warned": False}
 
 
 def trace_count() -> int:
-    """Frames torch.compile has traced in this process (retraces included), counted since the first compile."""
+    """Frames torch.compile has traced in this process since the first compile_blocks."""
     return _traces["count"]
 
 
@@ -35,6 +37,11 @@ def compile_blocks(model: torch.nn.Module) -> int:
     if _count_trace not in callback_handler.end_callbacks:
         on_compile_end(_count_trace)
     blocks = [module for module in model.modules() if isinstance(module, Block)]
+    if any(block.use_moe for block in blocks):
+        # Measured on tiny-moe: six graphs per block, each expert's routed tokens (a data-dependent shape) a break.
+        raise ConfigError("--compile: not supported for mixture-of-experts models (--model moe, tiny-moe): routing "
+                          "tokens to each expert has data-dependent shapes, which break the compiled block apart at "
+                          "every expert; use a dense model or --compile false")
     for block in blocks:
         block.forward = _compiled_forward(block)
     return len(blocks)
@@ -55,6 +62,7 @@ def _compiled_forward(block: Block):
 
 
 def _count_trace(args) -> None:
+    """Counts every frame dynamo traces: a retrace, or the piece after a graph break."""
     from torch._dynamo.callback import CallbackTrigger
 
     if args.callback_trigger != CallbackTrigger.DYNAMO:  # backward graphs compiled later are not retraces
@@ -64,5 +72,5 @@ def _count_trace(args) -> None:
         _traces["warned"] = True
         print(f"WARNING: --compile: torch.compile has traced the transformer block {_traces['count']} times "
               f"(expected about {EXPECTED_TRACES}); each retrace is another compile, and past "
-              f"{torch._dynamo.config.recompile_limit} the block runs eager. TORCH_LOGS=recompiles names the "
-              f"guard that failed.", flush=True)
+              f"{torch._dynamo.config.recompile_limit} the block runs eager. TORCH_LOGS=recompiles,graph_breaks "
+              f"names the guard that failed or the code that split the graph.", flush=True)
