@@ -1,0 +1,115 @@
+"""Rollouts: generated tokens/s with the KV cache and without it, and the share of a PPO step spent in rollouts.
+
+    OMP_NUM_THREADS=2 .venv/bin/python -m bench.rollout [--model small --max_new_tokens 64] [--from_weight DIR]
+
+Decoding: the first --prompts prompts of the demo RL data (config/data/posttrain/rl/demo.yaml, PPO's in
+launch/run_pipeline.sh), left-padded into one batch and sampled as rollouts are (temperature 1, stopping at EOS)
+in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (tests/test_generate_nocache.py), so
+they do the same work but for the cache. Each path decodes once to warm up, then --repeats times, the order
+alternating; the figures are medians.
+
+PPO share: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-2, rule reward, the
+same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean of
+system/rollout_time_s / system/step_time_s over its timed steps. Without --from_weight the policy is the preset
+untrained: it rarely says EOS, so every answer runs to --max_new_tokens, the most rollout work a step can have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.compare import REPO_ROOT, free_port
+from data.mixture import load_data_config
+from data.prepare import load_prepared
+from data.prompts import PromptLoader
+from data.tokenizer import load_tokenizer
+from model import ModelConfig, Transformer, generate, load_pretrained, save_pretrained
+
+DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
+
+
+def demo_prompts(count: int, tokenizer) -> list[list[int]]:
+    prepared = load_prepared(load_data_config(REPO_ROOT / DATA_CONFIG), tokenizer)
+    return next(PromptLoader(prepared.split("train"), count).iterate(0))["prompt_ids"]
+
+
+def decode_rate(model, prompts, args, tokenizer, use_cache: bool) -> tuple[float, int]:
+    """(generated tokens per second, generated tokens) of one seeded decode."""
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    generation = generate(model, prompts, args.max_new_tokens, eos_token_id=tokenizer.eos_id,
+                          pad_token_id=tokenizer.pad_id, generator=generator, use_cache=use_cache)
+    seconds = time.perf_counter() - started
+    tokens = int(generation.mask.sum())
+    return tokens / seconds, tokens
+
+
+def compare_decoding(model, prompts, args, tokenizer) -> None:
+    rates = {True: [], False: []}
+    tokens = {use_cache: decode_rate(model, prompts, args, tokenizer, use_cache)[1] for use_cache in rates}  # warm-up
+    for repeat in range(args.repeats):
+        for use_cache in ((True, False) if repeat % 2 == 0 else (False, True)):
+            rates[use_cache].append(decode_rate(model, prompts, args, tokenizer, use_cache)[0])
+    cached, uncached = statistics.median(rates[True]), statistics.median(rates[False])
+    widths = [len(p) for p in prompts]
+    print(f"decoding: {len(prompts)} prompts of {min(widths)}-{max(widths)} tokens, up to {args.max_new_tokens} new, "
+          f"{tokens[True]} generated (without cache {tokens[False]}), fp32, {torch.get_num_threads()} threads")
+    for use_cache, label in ((True, "KV cache"), (False, "no cache")):
+        print(f"  {label}: median {statistics.median(rates[use_cache]):.1f} tokens/s "
+              f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[use_cache])})")
+    print(f"  KV cache / no cache: {cached / uncached:.2f}x")
+
+
+def ppo_rollout_share(weights: Path, args, out_dir: Path) -> None:
+    env = {**os.environ, "NUM_GPUS": "1", "ZERO_STAGE": "2", "MASTER_PORT": str(free_port())}
+    command = ["bash", "launch/run_ppo.sh", "--from_weight", str(weights), "--out_dir", str(out_dir),
+               "--reward", "rule", "--batch_size", str(args.prompts), "--max_new_tokens", str(args.max_new_tokens),
+               "--max_steps", str(args.ppo_steps), "--log_interval", "1", "--throughput_warmup_steps", "1",
+               "--eval_interval", "0", "--eval_batches", "0", "--save_interval", "0"]
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode:
+        raise SystemExit(f"{run.stdout[-6000:]}\nthe PPO run failed (exit {run.returncode}): {' '.join(command)}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["system/step_time_s"] is not None]
+    shares = [r["system/rollout_time_s"] / r["system/step_time_s"] for r in timed]
+    print(f"PPO ({args.ppo_steps} steps of {args.prompts} prompts, the first untimed): step time "
+          f"{statistics.mean(r['system/step_time_s'] for r in timed):.2f} s, rollouts "
+          f"{statistics.mean(r['system/rollout_time_s'] for r in timed):.2f} s, answers "
+          f"{statistics.mean(r['rollout/response_length'] for r in timed):.1f} tokens")
+    print(f"  rollout share of the step: mean {100 * statistics.mean(shares):.1f}% "
+          f"(steps: {' '.join(f'{100 * share:.1f}' for share in shares)}); data wait "
+          f"{statistics.mean(r['system/data_wait_percent'] for r in timed):.2g}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", help="preset of the untrained policy (without --from_weight)")
+    parser.add_argument("--from_weight", default="", help="an export directory (an SFT policy) instead")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per batch (and per PPO step)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per path")
+    parser.add_argument("--ppo_steps", type=int, default=4, help="PPO steps (0: skip the PPO run)")
+    args = parser.parse_args()
+    if args.ppo_steps == 1:
+        parser.error("--ppo_steps 1 times nothing: the first step is the warm-up")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    model = load_pretrained(args.from_weight) if args.from_weight else Transformer(ModelConfig.from_preset(args.model))
+    print(f"policy: {args.from_weight or f'{args.model} preset, untrained'}")
+    compare_decoding(model.eval(), demo_prompts(args.prompts, tokenizer), args, tokenizer)
+    if args.ppo_steps:
+        with tempfile.TemporaryDirectory(prefix="bench_rollout_") as scratch:
+            weights = Path(args.from_weight) if args.from_weight else save_pretrained(model, Path(scratch) / "policy")
+            ppo_rollout_share(weights, args, Path(scratch) / "ppo")
+
+
+if __name__ == "__main__":
+    main()
