@@ -260,7 +260,8 @@ def run_zerostage(stage: str, args, flags: list[str]) -> dict:
     tokens_per_second = record["train/tokens_per_second"]
     return {"tokens_per_second": tokens_per_second, "timed_tokens": round(tokens_per_second * seconds),
             "timed_seconds": seconds, "tokens_per_step": tokens_per_second * seconds / args.steps,
-            "command": " ".join(command), "log": str(log.relative_to(REPO_ROOT))}
+            "command": " ".join([*(f"{name}={env[name]}" for name in ("NUM_GPUS", "OMP_NUM_THREADS", "ZERO_STAGE")),
+                                 *command]), "log": str(log.relative_to(REPO_ROOT))}
 
 
 # ----------------------------------------------------------------- the comparison
