@@ -28,7 +28,6 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
