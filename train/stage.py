@@ -39,6 +39,14 @@ def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.unique_consecutive(keys, return_counts=True)[1]
 
 
+def drop_padding_columns(batch: dict) -> dict:
+    """The [rows, T] batch cut to its widest row: the loader pads every row to max_seq_len, and the columns that are
+    padding in every row would cost a full forward and backward for nothing."""
+    used = (batch["doc_ids"] >= 0).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return {name: value[:, :width] for name, value in batch.items()}
+
+
 def build_language_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
     """The exported weights at `source`, else a fresh model of the --model preset or config directory."""
     if source is not None:
@@ -119,6 +127,9 @@ class LanguageModelStage(Stage):
         self.data_kind = data_kind
         self.default_packing = default_packing
 
+    def prepare_batch(self, batch: dict) -> dict:
+        return drop_padding_columns(batch)
+
     def loss_weight(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -153,9 +164,7 @@ class PairedStage(Stage):
     loss_unit = "pair"
 
     def prepare_batch(self, batch: dict) -> dict:
-        used = (batch["doc_ids"] >= 0).any(dim=0).nonzero()
-        width = int(used.max()) + 1 if len(used) else 1
-        batch = {name: value[:, :width] for name, value in batch.items()}
+        batch = drop_padding_columns(batch)
         doc_ids = batch["doc_ids"]
         if "sequence_ids" in batch:
             pairs = (int(batch["sequence_ids"].max()) + 1) // 2
