@@ -40,8 +40,10 @@ data: $(DEMO_DATA)
 demo: $(DEMO_DATA)
 	bash launch/run_pipeline.sh
 
+# One worker per core, a test file to a worker (its module fixtures run once): most of a launcher run's time is
+# one process importing or starting up while the other core waits.
 test: $(DEMO_DATA)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench-peer: $(BENCH_INSTALLED) $(DEMO_DATA)
 	$(PY) bench/peer.py $(PEER_FLAGS)

@@ -7,7 +7,8 @@ on this machine's CPU, one after the other, never at once.
 Both sides train the same model (zerostage's `small` preset; the peer is a transformers LlamaForCausalLM with the same
 dimensions, fp32, SDPA attention; the parameter counts are checked equal) on the same tokenized documents the demo
 trains on (the prepared stores of config/data/posttrain/sft/general.yaml and config/data/posttrain/dpo/demo.yaml),
-with the same micro-batch (--batch_size rows for SFT, pairs for DPO), sequence length, optimizer settings and thread
+with the same micro-batch (--batch_size rows; for DPO, pairs on the peer's side and rows of packed pairs on
+zerostage's when --zerostage_packing is packed), sequence length, optimizer settings and thread
 count, from fresh weights. zerostage runs as a user runs it: launch/run_<stage>.sh, the deepspeed launcher with one
 CPU rank, its figure the real (non-padding input) tokens/s of its metrics.jsonl over the steps after --warmup. The
 peer runs in this process; a TrainerCallback times the same steps, and the real tokens of the batches it trained on
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
                         help="torch threads of each side (OMP_NUM_THREADS of the zerostage rank)")
     parser.add_argument("--zero_stage", default="2", help="ZERO_STAGE of zerostage's launcher (its default: 2)")
     parser.add_argument("--zerostage_packing", choices=("packed", "padded"), default="packed",
-                        help="zerostage's SFT rows: packed (make demo's) or padded (train/sft.py's default)")
+                        help="zerostage's SFT and DPO rows: packed (make demo's SFT) or padded (the stages' default)")
     parser.add_argument("--out", default="out/bench_peer.json")
     parser.add_argument("--skip_dpo", action="store_true", help="the SFT comparison only")
     args = parser.parse_args()
@@ -304,7 +305,7 @@ def main() -> None:
     differences = [
         f"SFT rows: zerostage {args.zerostage_packing} ("
         + ("documents packed end to end into rows of max_seq_len, attention kept within each document"
-           if args.zerostage_packing == "packed" else "one document per row, padded to max_seq_len, not trimmed")
+           if args.zerostage_packing == "packed" else "one document per row, the batch cut to its longest row")
         + "); HF Trainer one document per row padded to the longest of the batch (DataCollatorForSeq2Seq), no "
           "packing, its default. A micro-batch of the same row count therefore holds more real tokens on the "
           "zerostage side when packed.",
@@ -352,8 +353,9 @@ def dpo_comparison(args, config: ModelConfig, tokenizer, differences: list[str])
         print(f"\nDPO skipped: {reason}")
         return {"error": reason}
     print(f"\n[3/4] zerostage DPO", flush=True)
+    # The same packing choice as SFT's: packed, --batch_size counts rows of whole pairs, as SFT's counts rows.
     zerostage_dpo = run_zerostage("dpo", args, ["--beta", str(BETA), "--dpo_loss", "sigmoid",
-                                                "--learning_rate", str(DPO_LR)])
+                                                "--learning_rate", str(DPO_LR), "--packing", args.zerostage_packing])
     print("[4/4] TRL DPOTrainer", flush=True)
     try:
         trl_dpo = run_trl_dpo(args, config, examples, tokenizer)
@@ -365,6 +367,10 @@ def dpo_comparison(args, config: ModelConfig, tokenizer, differences: list[str])
     print_comparison("DPO (chosen + rejected real tokens)", result, "trl")
     rows = 2 * len(examples)
     differences += [
+        f"DPO rows: zerostage {args.zerostage_packing} ("
+        + ("whole pairs packed into --batch_size rows of max_seq_len, a micro-batch holding more pairs than the "
+           "peer's" if args.zerostage_packing == "packed" else "--batch_size pairs, cut to the longest row")
+        + "); TRL --batch_size pairs padded to the longest row, its default.",
         f"DPO supervision: TRL scores every completion token after the shared prompt, including the newline after "
         f"<|im_end|> that zerostage's loss mask leaves out ({unsupervised:,} more targets over {rows:,} rows); "
         "the input tokens are the same.",

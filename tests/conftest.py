@@ -1,0 +1,15 @@
+"""Test order: the files that start many launcher runs go first.
+
+`make test` runs one pytest-xdist worker per core and hands each a whole file; the file started last decides when the
+suite ends, so a minutes-long file collected last (alphabetically, test_slurm.py) would run alone while the other
+cores idle.
+"""
+
+SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_rl.py", "test_distributed_metrics.py",
+                    "test_preference_runs.py", "test_preemption.py", "test_fsdp.py", "test_reliability.py",
+                    "test_compile.py", "test_packed_pairs.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))  # stable: file order kept within
