@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain on the embedded default: pretrain -> midtrain -> SFT -> DPO and the reward model (both from SFT's
-# export) -> PPO (from SFT, rule reward on the demo's first-letter prompts), each stage starting from an earlier
+# export) -> PPO (from SFT, rule reward on the demo's capitals prompts), each stage starting from an earlier
 # stage's export under OUT_ROOT, then a table of every stage. GRPO runs too with WITH_GRPO=1. NUM_GPUS / ZERO_STAGE
 # as in launch/common.sh. The per-stage flags below are the demo's (docs/results.md: how they were chosen); the
 # batch sizes are per rank, for the 2 CPU ranks of a machine without GPU.

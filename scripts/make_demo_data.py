@@ -5,9 +5,9 @@ needs no download and is identical on every machine with the same Python:
 
   pretrain.jsonl   {"text"}           prose: stdlib docstrings + the language reference (pydoc_data)
   midtrain.jsonl   {"text"}           a new domain: stdlib source code, one function/class per doc
-  sft.jsonl        {"conversations"}  verifiable tasks (first letter, arithmetic, string tasks) + Q&A from the docs
+  sft.jsonl        {"conversations"}  verifiable tasks (first letter, capitals, arithmetic, string tasks) + Q&A from the docs
   dpo.jsonl        {"chosen","rejected"} verifiable tasks, rejected = a plausibly wrong answer
-  rl_prompts.jsonl {"conversations","answer"} first-letter prompts + reference answer for a rule-based reward
+  rl_prompts.jsonl {"conversations","answer"} capitals prompts (yes/no) + reference answer for a rule-based reward
   rl_eval.jsonl    same form: held-out prompts that no other file contains (for honest eval)
 
 Usage: python scripts/make_demo_data.py [--out_dir dataset] [--seed 0]
@@ -39,9 +39,10 @@ PUBLIC_NAMES = {"posixpath": "os.path"}
 PRETRAIN_BYTES = 3_000_000
 MIDTRAIN_BYTES = 1_500_000
 SFT_SINGLE_TURN, SFT_MULTI_TURN, SFT_DOC_QA = 2800, 500, 900
-DPO_PAIRS, RL_PROMPTS, RL_EVAL_PROMPTS = 2000, 1000, 300
+DPO_PAIRS, RL_PROMPTS, RL_EVAL_PROMPTS = 2000, 1000, 1000  # RL files keep the capitals tasks: a fifth
 
 FIRST_LETTER_TEMPLATES = ("What is the first letter of '{}'?", "Which letter does '{}' start with?")
+CAPITALS_TEMPLATES = ("Is '{}' written in capital letters?", "Is '{}' in uppercase?")
 DOC_QUESTIONS = ["What does `{}` do?", "Briefly, what is `{}` for?", "Describe `{}` in one sentence."]
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -249,16 +250,23 @@ def first_letter_task(rng, words):
     return template.format(word), word[0], wrong
 
 
+def capitals_task(rng, words):
+    word = rng.choice(words)
+    upper = rng.random() < 0.5
+    answer, wrong = ("yes", "no") if upper else ("no", "yes")
+    return rng.choice(CAPITALS_TEMPLATES).format(word.upper() if upper else word), answer, wrong
+
+
 def verifiable_task(rng, words):
     """(prompt, correct answer, plausibly wrong answer)."""
-    # The first letter of a word is what the tiny model learns within the demo's SFT (its first token decides it,
-    # and held-out words share first tokens with training words): RL then has answers that are sometimes right.
-    # Arithmetic twice as often as each other string task: the next easiest to learn and to grade.
-    kind = rng.choice(["first_letter", "first_letter", "first_letter", "arithmetic", "arithmetic", "reverse",
+    # Whether a word is written in capitals is what the tiny model learns within the demo's SFT (its tokens show it,
+    # on held-out words too): RL then starts from answers that are right more often than not, greedy or sampled.
+    # The first letter is the next easiest, then arithmetic; each other string task once.
+    kind = rng.choice(["first_letter", "first_letter", "capitals", "capitals", "arithmetic", "arithmetic", "reverse",
                        "count", "uppercase", "sort"])
     if kind == "arithmetic":
         return arithmetic_task(rng)
-    return {"first_letter": first_letter_task, "reverse": reverse_task, "count": count_task,
+    return {"first_letter": first_letter_task, "capitals": capitals_task, "reverse": reverse_task, "count": count_task,
             "uppercase": uppercase_task, "sort": sort_task}[kind](rng, words)
 
 
@@ -331,8 +339,8 @@ def dpo_records(rng, tasks):
     return records
 
 
-def first_letter_tasks(tasks):
-    patterns = [re.escape(template).replace(r"\{\}", r"[a-z]+") for template in FIRST_LETTER_TEMPLATES]
+def capitals_tasks(tasks):
+    patterns = [re.escape(template).replace(r"\{\}", r"[a-zA-Z]+") for template in CAPITALS_TEMPLATES]
     return [task for task in tasks if any(re.fullmatch(pattern, task[0]) for pattern in patterns)]
 
 
@@ -373,10 +381,10 @@ def main():
     questions = doc_questions(definitions, rng)[:SFT_DOC_QA]
     write_jsonl(args.out_dir / "sft.jsonl", sft_records(rng, sft_tasks, multi_turn_tasks, questions))
     write_jsonl(args.out_dir / "dpo.jsonl", dpo_records(rng, dpo_tasks))
-    # RL learns only from answers that are sometimes right: its prompts are the family the SFT model solves now and
-    # then (the others score 0 whatever it samples). Filtering leaves every other file as drawn.
-    write_jsonl(args.out_dir / "rl_prompts.jsonl", rl_records(first_letter_tasks(rl_tasks)))
-    write_jsonl(args.out_dir / "rl_eval.jsonl", rl_records(first_letter_tasks(eval_tasks)))
+    # RL learns only from answers that are sometimes right: its prompts are the one family whose sampled answers the
+    # SFT model gets right often (the others score near 0 whatever it samples). Filtering leaves other files as drawn.
+    write_jsonl(args.out_dir / "rl_prompts.jsonl", rl_records(capitals_tasks(rl_tasks)))
+    write_jsonl(args.out_dir / "rl_eval.jsonl", rl_records(capitals_tasks(eval_tasks)))
     print(f"done in {time.time() - started:.1f}s")
 
 

@@ -3,8 +3,8 @@
     python scripts/plot_learning.py out docs/learning.png
 
 Panels: DPO and the reward model's held-out pair accuracy (chance 0.5); PPO's and GRPO's reward of the sampled
-answers (train, per step and its running mean) and of greedy answers to the held-out prompts (eval). A stage that
-did not run is left out.
+answers (train, per step and its running mean) and of greedy and sampled answers to the held-out prompts (eval). A
+stage that did not run is left out.
 """
 import argparse
 import json
@@ -19,9 +19,11 @@ PANELS = [
     ("dpo", "DPO: held-out pair accuracy", [("eval/rewards/accuracies", "eval", "o-")], 0.5),
     ("reward", "Reward model: held-out pair accuracy", [("eval/reward/accuracy", "eval", "o-")], 0.5),
     ("ppo", "PPO: rule reward", [("objective/reward", "train (sampled)", "-"),
-                                 ("eval/reward", "eval (greedy, held-out)", "o-")], None),
+                                 ("eval/reward", "eval (greedy, held-out)", "o-"),
+                                 ("eval/reward_sampled", "eval (sampled, held-out)", "s-")], None),
     ("grpo", "GRPO: rule reward", [("objective/reward", "train (sampled)", "-"),
-                                   ("eval/reward", "eval (greedy, held-out)", "o-")], None),
+                                   ("eval/reward", "eval (greedy, held-out)", "o-"),
+                                 ("eval/reward_sampled", "eval (sampled, held-out)", "s-")], None),
 ]
 SMOOTHING = 10  # steps in the running mean drawn over a per-step train curve: one step's 16-64 answers are noisy
 
@@ -49,8 +51,8 @@ def main():
                 means = [sum(values[i - SMOOTHING:i]) / SMOOTHING for i in range(SMOOTHING, len(values) + 1)]
                 axis.plot(steps[SMOOTHING - 1:], means, style, color="tab:blue", label=f"{label}, {SMOOTHING}-step mean")
             else:
-                axis.plot(steps, values, style, label=label, markersize=3, color="tab:orange" if style != "-" and
-                          len(series) > 1 else "tab:blue")
+                color = {"o-": "tab:orange", "s-": "tab:green"}.get(style, "tab:blue") if len(series) > 1 else "tab:blue"
+                axis.plot(steps, values, style, label=label, markersize=3, color=color)
         if chance is not None:
             axis.axhline(chance, color="grey", linestyle=":", label="chance")
         axis.set_title(title, fontsize=10)

@@ -25,6 +25,8 @@ def solve(prompt):
         return match[1][::-1]
     if match := re.search(r"(?:letters are in the word|Count the letters in) '(\w+)'", prompt):
         return str(len(match[1]))
+    if match := re.fullmatch(r"Is '(\w+)' (?:written in capital letters|in uppercase)\?", prompt):
+        return "yes" if match[1].isupper() else "no"
     if match := re.search(r"'(\w+)' (?:in uppercase|to capital letters)", prompt):
         return match[1].upper()
     if match := re.search(r"(?:alphabetically|alphabetical order): (.+)$", prompt):

@@ -162,6 +162,7 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         assert 1 <= record["rollout/response_length"] <= NEW_TOKENS
         assert record["system/rollout_time_s"] + record["system/train_time_s"] <= record["system/step_time_s"] * 1.05
     assert records[-1]["eval/reward"] is not None and records[-1]["eval/response_length"] >= 1
+    assert records[-1]["eval/reward_sampled"] is not None
 
     rows = PROMPTS * ACCUMULATION * (GROUP if stage == "grpo" else 1)
     group = GROUP if stage == "grpo" else 1

@@ -188,10 +188,10 @@ class RLStage(Stage):
             copy_weights(unwrap(engine), self.rollout_model, partitioned=True)
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], greedy: bool = False):
+    def _generate(self, prompts: list[list[int]], greedy: bool = False, generator: torch.Generator | None = None):
         return generate(self.rollout_model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                         top_k=self.cfg.top_k or None, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                        greedy=greedy)  # the global RNG: checkpoints save and restore it
+                        greedy=greedy, generator=generator)  # None: the global RNG, which checkpoints save
 
     def _layout(self, prompts: list[list[int]], generation) -> dict:
         width = max(len(prompt) for prompt in prompts)
@@ -335,26 +335,34 @@ class RLStage(Stage):
     # ----- evaluation -----
     @torch.no_grad()
     def evaluate(self, trainer) -> dict:
-        """Greedy answers to the validation prompts: eval/reward and eval/response_length."""
+        """Answers to the validation prompts: greedy (eval/reward, eval/response_length) and one sampled like the
+        rollouts (eval/reward_sampled), from a generator seeded per rank and step, so evaluating leaves the
+        training's random stream untouched and a resumed run evaluates the same."""
         if trainer.data.val is None:
             trainer.metrics.warn_once("no_val", f"{self.cfg.data_config} has no validation split: no eval/* metrics")
             return {}
-        score_sum = length_sum = rows = 0.0
+        greedy_sum = sampled_sum = length_sum = rows = 0.0
         self.sync_rollout_model(trainer.engine)
+        generator = torch.Generator(self.device).manual_seed(
+            (self.cfg.seed * 1_000_003 + trainer.global_step) * 1024 + distributed.rank())
         for index, batch in enumerate(trainer.data.val.iterate(0)):
             if self.cfg.eval_batches and index >= self.cfg.eval_batches:
                 break
             if not batch["prompt_ids"]:
                 if self.reward_model is not None and self.zero3:
                     # This rank's share of the last batch is empty, but a partitioned reward model's forward
-                    # gathers with the other ranks': take part in it on one padding token.
-                    self.reward_model(torch.full((1, 1), self.pad_id, device=self.device))
+                    # gathers with the other ranks': take part in both scorings on one padding token.
+                    for _ in range(2):
+                        self.reward_model(torch.full((1, 1), self.pad_id, device=self.device))
                 continue
             rollout = self._layout(batch["prompt_ids"], self._generate(batch["prompt_ids"], greedy=True))
-            score_sum += float(self._scores(rollout, batch["answers"]).sum())
+            greedy_sum += float(self._scores(rollout, batch["answers"]).sum())
             length_sum += sum(rollout["response_lengths"])
+            sampled = self._layout(batch["prompt_ids"], self._generate(batch["prompt_ids"], generator=generator))
+            sampled_sum += float(self._scores(sampled, batch["answers"]).sum())
             rows += len(batch["prompt_ids"])
-        score_sum, length_sum, rows = global_sum([score_sum, length_sum, rows], trainer.device)
-        return {"eval/reward": score_sum / rows if rows else None,
+        greedy_sum, sampled_sum, length_sum, rows = global_sum([greedy_sum, sampled_sum, length_sum, rows],
+                                                               trainer.device)
+        return {"eval/reward": greedy_sum / rows if rows else None,
+                "eval/reward_sampled": sampled_sum / rows if rows else None,
                 "eval/response_length": length_sum / rows if rows else None}
-
