@@ -1,9 +1,14 @@
-"""Test order: the files that start many launcher runs go first.
+"""Test order: the files that start many launcher runs go first; one torch thread per test process.
 
 `make test` runs one pytest-xdist worker per core and hands each a whole file; the file started last decides when the
 suite ends, so a minutes-long file collected last (alphabetically, test_slurm.py) would run alone while the other
 cores idle.
 """
+
+import torch
+
+# Two xdist workers share two cores with the runs they start: more threads than free cores spin at OpenMP barriers.
+torch.set_num_threads(1)
 
 SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_rl.py", "test_distributed_metrics.py",
                     "test_preference_runs.py", "test_preemption.py", "test_fsdp.py", "test_reliability.py",

@@ -29,17 +29,22 @@ def free_port() -> int:
 def stage_command(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
                   env: dict | None = None) -> tuple[list[str], dict, int]:
     """The command line, environment and port of a stage run on CPU ranks: the deepspeed launcher with
-    ds_configs/zero<zero>.json, or torchrun with --backend fsdp for zero="fsdp"."""
+    ds_configs/zero<zero>.json, or torchrun with --backend fsdp for zero="fsdp". One rank runs as one process
+    without a launcher (`python train/<stage>.py`, the README's single-process form): a launcher adds two Python
+    processes that import torch and DeepSpeed, several seconds a run, and is tested at two ranks."""
     port = free_port()
     script = str(REPO_ROOT / "train" / f"{stage}.py")
-    if zero == "fsdp":
-        command = [str(TORCHRUN), "--nproc_per_node", str(world_size), "--master_port", str(port), script,
-                   "--backend", "fsdp"]
+    backend = ["--backend", "fsdp"] if zero == "fsdp" else ["--deepspeed", f"ds_configs/zero{zero}.json"]
+    if world_size == 1:
+        command = [sys.executable, script, *backend]
+    elif zero == "fsdp":
+        command = [str(TORCHRUN), "--nproc_per_node", str(world_size), "--master_port", str(port), script, *backend]
     else:
-        command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port), script,
-                   "--deepspeed", f"ds_configs/zero{zero}.json"]
+        command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port), script, *backend]
     command += ["--out_dir", str(out_dir), *args]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // world_size)),
+    # One thread per rank: `make test` runs two files at once on two cores, and OpenMP threads that outnumber the
+    # free cores spin at every barrier (a one-rank run of tiny steps took minutes instead of seconds).
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
     return command, {key: value for key, value in full_env.items() if value is not None}, port  # None: unset it
 

@@ -26,7 +26,8 @@ def runs(tmp_path_factory):
     result_file = tmp_path_factory.mktemp("compile") / "runs.json"
     port = free_port()
     run_command([sys.executable, str(REPO_ROOT / "tests" / "compile_runs.py"), str(result_file)],
-                {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": str(port)},
+                {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
+                 "MASTER_PORT": str(port)},
                 port, check=True, timeout=600)
     return json.loads(result_file.read_text())
 

@@ -1,4 +1,6 @@
-"""Every metric of a real run (deepspeed launcher, 1 and 2 CPU ranks, ZeRO 0-3) against an independent reference.
+"""Every metric of a real run (1 CPU rank, and 2 under the deepspeed launcher at ZeRO 0, 2 and 3) against an
+independent reference. ZeRO-1 is left out: DeepSpeed runs stages 1 and 2 with one optimizer class, whose grad norm
+ZeRO-2 checks here.
 
 The reference is computed here, in one process without DeepSpeed: the same initial weights (same seed), the
 same rows of the same data (batch i of all ranks covers the same rows whatever the world size), a plain
@@ -23,7 +25,7 @@ from train.trainer import seed_everything
 
 DATA_CONFIG = "config/data/posttrain/sft/general.yaml"
 GLOBAL_ROWS, ACCUMULATION, STEPS, EVAL_BATCHES, SEED = 8, 2, 3, 2, 42
-RUNS = [(1, "0"), (1, "3"), (2, "0"), (2, "1"), (2, "2"), (2, "3")]
+RUNS = [(1, "0"), (2, "0"), (2, "2"), (2, "3")]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -68,7 +70,10 @@ def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(tmp_path):
 
 def test_wandb_defaults_to_offline_and_logs_the_contract(tmp_path):
     out_dir = tmp_path / "run"
-    env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None}  # no key, no mode: offline
+    # No key, no mode: offline. A bare HOME has no ~/.netrc; DeepSpeed's built CPU op stays where it is (under the
+    # real HOME by default), or the run would compile it again for minutes.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None, "TORCH_EXTENSIONS_DIR": extensions}
     result = run_stage("sft", out_dir, *SHORT_RUN, "--from_weight", "none", "--max_steps", "3",
                        "--save_interval", "0", "--use_wandb", world_size=1, zero="0", env=env)
     assert "W&B disabled" not in result.stdout + result.stderr

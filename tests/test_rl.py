@@ -17,7 +17,8 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.prompts import PromptLoader
 from data.tokenizer import load_tokenizer
-from model import ModelConfig, RewardModel, Transformer, save_pretrained, save_reward_model
+from model import (ModelConfig, RewardModel, Transformer, generate, load_pretrained, load_reward_model, save_pretrained,
+                   save_reward_model)
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, run_stage
 from train.config import ConfigError, parse_config
 from train.grpo import GRPOConfig, group_advantages
@@ -162,7 +163,12 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         assert 1 <= record["rollout/response_length"] <= NEW_TOKENS
         assert record["system/rollout_time_s"] + record["system/train_time_s"] <= record["system/step_time_s"] * 1.05
     assert records[-1]["eval/reward"] is not None and records[-1]["eval/response_length"] >= 1
-    assert records[-1]["eval/reward_sampled"] is not None
+    if world_size == 1:
+        greedy, sampled = held_out_rewards(tmp_path / "export", out_root)
+        assert records[-1]["eval/reward"] == pytest.approx(greedy, rel=1e-4, abs=1e-5)
+        assert records[-1]["eval/reward_sampled"] == pytest.approx(sampled, rel=1e-4, abs=1e-5)
+    else:
+        assert math.isfinite(records[-1]["eval/reward_sampled"])
 
     rows = PROMPTS * ACCUMULATION * (GROUP if stage == "grpo" else 1)
     group = GROUP if stage == "grpo" else 1
@@ -175,6 +181,26 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         assert record["train/num_input_tokens_seen"] == tokens_seen
         assert record["train/num_supervised_tokens_seen"] == supervised_seen
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def held_out_rewards(export, out_root) -> tuple[float, float]:
+    """eval/reward and eval/reward_sampled at the last step of a one-rank run, recomputed from its export: greedy and
+    sampled answers (the generator seeded as docs/metrics.md says) to the one validation batch evaluated, each
+    answer scored alone, without padding, by the reward model at its last token."""
+    tokenizer = load_tokenizer()
+    prepared = load_prepared(load_data_config(REPO_ROOT / DATA_CONFIG), tokenizer)
+    prompts = next(PromptLoader(prepared.split("val"), PROMPTS, 0, 1, SEED, drop_last=False).iterate(0))["prompt_ids"]
+    policy, scorer = load_pretrained(export), load_reward_model(out_root / "reward" / "export")
+    generator = torch.Generator().manual_seed((SEED * 1_000_003 + STEPS) * 1024)
+    means = []
+    with torch.no_grad():
+        for options in ({"greedy": True}, {"generator": generator}):
+            answers = generate(policy, prompts, NEW_TOKENS, eos_token_id=tokenizer.eos_id,
+                               pad_token_id=tokenizer.pad_id, **options)
+            scores = [float(scorer(torch.tensor([prompt + row[:length].tolist()])).values[0, -1])
+                      for prompt, row, length in zip(prompts, answers.tokens, answers.lengths.tolist())]
+            means.append(sum(scores) / len(scores))
+    return means[0], means[1]
 
 
 def test_ppo_resume_restores_the_critic_and_continues_the_curve(tmp_path, out_root):

@@ -323,7 +323,7 @@ def requeued(cluster) -> JobRun:
     name = "requeue"
     workdir = cluster.root / "jobs" / name
     out_dir = workdir / "out"
-    args = ["--model", "tiny", "--max_steps", "40", "--log_interval", "5", "--eval_interval", "0",
+    args = ["--model", "tiny", "--max_steps", "25", "--log_interval", "5", "--eval_interval", "0",
             "--eval_batches", "1", "--save_interval", "5", "--from_weight", "none"]
     job_id = cluster.submit(name, workdir, {"STAGE": "pretrain", "OUT_DIR": str(out_dir)}, [], args)
     log = workdir / f"{name}-{job_id}.out"
@@ -354,7 +354,7 @@ def test_requeue_resumes_from_latest_checkpoint(requeued):
     assert re.search(rf"resumed from \S+/{tag}: step {resumed_step},", second), second[-4000:]
     assert "] done" in second
     steps = [r["train/global_step"] for r in run.metrics()]
-    assert set(range(5, 41, 5)) <= set(steps) and steps[-1] == 40 and steps == sorted(steps), steps
+    assert set(range(5, 26, 5)) <= set(steps) and steps[-1] == 25 and steps == sorted(steps), steps
     assert (run.out_dir / "export" / "model.safetensors").is_file()
 
 

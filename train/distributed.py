@@ -47,8 +47,9 @@ def init_distributed() -> None:
     mpi4py), so a lone process declares itself rank 0 of 1.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # a port the user chose is kept
     if device_type() == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Ranks sharing a CPU would oversubscribe its cores with torch's default of one thread per core.
