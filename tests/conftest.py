@@ -10,8 +10,8 @@ import torch
 # Two xdist workers share two cores with the runs they start: more threads than free cores spin at OpenMP barriers.
 torch.set_num_threads(1)
 
-SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_rl.py", "test_distributed_metrics.py",
-                    "test_preference_runs.py", "test_preemption.py", "test_fsdp.py", "test_reliability.py",
+SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_preemption.py", "test_rl.py",
+                    "test_distributed_metrics.py", "test_preference_runs.py", "test_fsdp.py", "test_reliability.py",
                     "test_compile.py", "test_packed_pairs.py"]
 
 
