@@ -41,9 +41,10 @@ demo: $(DEMO_DATA)
 	bash launch/run_pipeline.sh
 
 # One worker per core, a test file to a worker (its module fixtures run once): most of a launcher run's time is
-# one process importing or starting up while the other core waits.
+# one process importing or starting up while the other core waits. Files go out in tests/conftest.py's order (the
+# launcher-heavy ones first), not pytest-xdist's default of the files with the most tests first.
 test: $(DEMO_DATA)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 bench-peer: $(BENCH_INSTALLED) $(DEMO_DATA)
 	$(PY) bench/peer.py $(PEER_FLAGS)

@@ -2,7 +2,8 @@
 
 `make test` runs one pytest-xdist worker per core and hands each a whole file; the file started last decides when the
 suite ends, so a minutes-long file collected last (alphabetically, test_slurm.py) would run alone while the other
-cores idle.
+cores idle. The Makefile passes --no-loadscope-reorder: by default xdist hands out the files with the most tests first,
+which left test_preemption (3 tests, six launcher runs) running alone at the end.
 """
 
 import torch
