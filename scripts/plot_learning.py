@@ -15,15 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+RL_SERIES = [("objective/reward", "train (sampled)", "-"), ("eval/reward", "eval (greedy, held-out)", "o-"),
+             ("eval/reward_sampled", "eval (sampled, held-out)", "s-")]
 PANELS = [
     ("dpo", "DPO: held-out pair accuracy", [("eval/rewards/accuracies", "eval", "o-")], 0.5),
     ("reward", "Reward model: held-out pair accuracy", [("eval/reward/accuracy", "eval", "o-")], 0.5),
-    ("ppo", "PPO: rule reward", [("objective/reward", "train (sampled)", "-"),
-                                 ("eval/reward", "eval (greedy, held-out)", "o-"),
-                                 ("eval/reward_sampled", "eval (sampled, held-out)", "s-")], None),
-    ("grpo", "GRPO: rule reward", [("objective/reward", "train (sampled)", "-"),
-                                   ("eval/reward", "eval (greedy, held-out)", "o-"),
-                                 ("eval/reward_sampled", "eval (sampled, held-out)", "s-")], None),
+    ("ppo", "PPO: rule reward", RL_SERIES, None),
+    ("grpo", "GRPO: rule reward", RL_SERIES, None),
 ]
 SMOOTHING = 10  # steps in the running mean drawn over a per-step train curve: one step's 16-64 answers are noisy
 
