@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from train.config import REPO_ROOT
 CONFIGS = ["0", "1", "2", "3", "2_offload", "3_offload", "fsdp"]
 STAGES = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
 # Relative agreement expected of the last step's loss and grad norm: fp32 runs differ only in summation order
@@ -135,7 +135,7 @@ def run_config(config: str, args: argparse.Namespace, stage_flags: list[str]) ->
     result["curve"] = [{"step": r["train/global_step"], "loss": r["train/loss"], "grad_norm": r["train/grad_norm"]}
                        for r in records]
     result.update(step=last["train/global_step"], dtype=run["dtype"], world_size=run["world_size"],
-                  global_batch=run["deepspeed"]["train_batch_size"], parameters=run["parameters"],
+                  global_batch=run["global_batch_size"], parameters=run["parameters"],
                   peak_flops=run["peak_flops"])
     return result
 

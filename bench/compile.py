@@ -33,7 +33,7 @@ def endless_batches(trainer: Trainer):
 class TimedTrainer:
     def __init__(self, cfg):
         self.trainer = Trainer(LanguageModelStage("pretrain", data_kind="pretrain", default_packing="packed"), cfg)
-        self.trainer.engine.train()
+        self.trainer.model.train()
         self.batches = endless_batches(self.trainer)
         self.seconds, self.tokens = 0.0, 0
 
@@ -42,7 +42,7 @@ class TimedTrainer:
         micro_batches = [next(self.batches) for _ in range(self.trainer.cfg.accumulation_steps)]
         distributed.barrier()
         start = time.perf_counter()
-        self.trainer.optimizer_step(micro_batches)
+        self.trainer.train_step(micro_batches)
         distributed.synchronize()
         seconds = time.perf_counter() - start
         self.seconds += seconds
@@ -73,7 +73,7 @@ def main() -> None:
         trainer = eager.trainer
         rates = {name: timed.tokens / timed.seconds for name, timed in (("eager", eager), ("compiled", compiled))}
         steps = own.blocks * own.steps_per_block
-        print(f"\ncompile: world {trainer.world_size}, {cfg.backend} ZeRO-{trainer.zero_stage}, model {cfg.model}, "
+        print(f"\ncompile: world {trainer.world_size}, {trainer.backend.describe()}, model {cfg.model}, "
               f"micro-batch {cfg.batch_size} x seq {trainer.data.seq_len}, accumulation {cfg.accumulation_steps}, "
               f"{steps} timed steps each")
         print(f"tokens/s eager {rates['eager']:.0f}, compiled {rates['compiled']:.0f}; "

@@ -39,16 +39,12 @@ def main() -> None:
             epoch += 1
 
     batches = endless_batches()
-    trainer.engine.train()
-    trainer.learning_rate = trainer.engine.get_lr()[0]
+    trainer.model.train()
     trainer.metrics.start_epoch()
 
     def train_step() -> None:
-        # The loop of Trainer.train, without its epoch bookkeeping: the step count only feeds the log schedule.
-        trainer.metrics.begin_step(trainer.global_step + 1, 0, 0)
-        trainer.stage.train_step(trainer, [next(batches) for _ in range(cfg.accumulation_steps)])
-        trainer.global_step += 1
-        trainer._after_step(min(trainer.global_step, trainer.epoch_steps[0]), done=False)
+        # The loop of Trainer.train, on endless batches: the step count only feeds the log schedule.
+        trainer.step([next(batches) for _ in range(cfg.accumulation_steps)])
 
     def run_block(metrics_on: bool) -> float:
         trainer.cfg.metrics = trainer.metrics.enabled = metrics_on
@@ -69,7 +65,7 @@ def main() -> None:
             times[metrics_on].append(run_block(metrics_on))
     if distributed.is_main():
         ratios = [on / off for on, off in zip(times[True], times[False])]
-        print(f"\nmetric overhead: world {trainer.world_size}, ZeRO-{trainer.zero_stage}, model "
+        print(f"\nmetric overhead: world {trainer.world_size}, {trainer.backend.describe()}, model "
               f"{cfg.model}, micro-batch {cfg.batch_size} x seq {trainer.data.seq_len}, accumulation "
               f"{cfg.accumulation_steps}, log every {cfg.log_interval} steps")
         print("block step time (ms), metrics on : " + " ".join(f"{t * 1e3:.1f}" for t in times[True]))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from train import distributed
 from train.config import parse_config
 from train.stage import LanguageModelStage
 from train.trainer import Trainer
@@ -53,10 +54,10 @@ def main() -> None:
     record = trainer.train()[-1]
 
     batches = trainer.data.train.iterate(0)
-    trainer.engine.train()
+    trainer.model.train()
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
         for _ in range(own.profiled_steps):
-            trainer.stage.train_step(trainer, [next(batches) for _ in range(cfg.accumulation_steps)])
+            trainer.train_step([next(batches) for _ in range(cfg.accumulation_steps)])
     seconds, flops = defaultdict(float), defaultdict(float)
     for event in profiler.key_averages():
         seconds[kind_of(event.key)] += event.self_cpu_time_total / 1e6
@@ -67,7 +68,7 @@ def main() -> None:
     mfu = record.get("train/mfu_percent")
     figures = {
         "model": cfg.model, "world_size": trainer.world_size, "threads": torch.get_num_threads(),
-        "micro_batch": cfg.batch_size, "seq_len": trainer.data.seq_len, "dtype": trainer.dtype,
+        "micro_batch": cfg.batch_size, "seq_len": trainer.data.seq_len, "dtype": trainer.backend.dtype,
         "peak_tflops": peak / 1e12 if peak else None, "peak_basis": trainer.peak.basis,
         "tokens_per_second": record.get("train/tokens_per_second"), "mfu_percent": mfu,
         "target_mfu_percent": TARGET_MFU_PERCENT,
@@ -76,7 +77,7 @@ def main() -> None:
     }
     figures["gemm_percent_of_peak"] = (100 * figures["gemm_tflops"] * 1e12 / peak
                                        if peak and figures["gemm_tflops"] else None)
-    if trainer.world_size == 1 or dist.get_rank() == 0:
+    if distributed.is_main():
         print(f"\nMFU benchmark: {json.dumps(figures, indent=1)}")
         verdict = "meets" if mfu is not None and mfu >= TARGET_MFU_PERCENT else "misses"
         print(f"MFU {mfu if mfu is None else round(mfu, 1)}% {verdict} the {TARGET_MFU_PERCENT:.0f}% target; "

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from train.config import REPO_ROOT
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STAGES = {"sft": "config/data/posttrain/sft/general.yaml", "dpo": "config/data/posttrain/dpo/demo.yaml"}
 

@@ -30,20 +30,19 @@ import platform
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.loader import IGNORE_INDEX
 from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 from model import ModelConfig, num_params
+from train.config import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SFT_DATA = "config/data/posttrain/sft/general.yaml"
 DPO_DATA = "config/data/posttrain/dpo/demo.yaml"
-IGNORE_INDEX = -100
 # The stage scripts' own learning rates (train/sft.py, train/dpo.py) and optimizer settings (train/config.py),
 # given to both sides: they do not change the cost of a step, but the runs should be the same training.
 SFT_LR, DPO_LR, BETA = 2e-4, 5e-5, 0.1

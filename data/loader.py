@@ -70,11 +70,7 @@ class BatchLoader:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mode, self.weights, self.drop_last = mode, weights, drop_last
-        self.epoch = 0
         self._cached_layout = None
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
 
     def layout(self, epoch: int) -> EpochLayout:
         if self._cached_layout is None or self._cached_layout[0] != epoch:
@@ -97,11 +93,8 @@ class BatchLoader:
         return rank_batches(self.layout(epoch).num_rows, self.batch_size, self.rank, self.world_size, self.drop_last)
 
     def __len__(self):
-        """Batches per epoch on this rank, the same on every rank (for the epoch set last)."""
-        return len(self.batches(self.epoch))
-
-    def __iter__(self):
-        return self.iterate(self.epoch)
+        """Batches of the first epoch on this rank, the same on every rank (see batches(epoch) for another)."""
+        return len(self.batches(0))
 
     def iterate(self, epoch: int, start_batch: int = 0):
         """This rank's batches of an epoch from start_batch on: resuming replays the same order."""
@@ -112,9 +105,8 @@ class BatchLoader:
         for rows in batches[start_batch:]:
             yield self.collate(layout, rows)
 
-    def padding_fraction(self, epoch: int | None = None) -> float:
-        """Fraction of padding positions in the rows all ranks read this epoch."""
-        epoch = self.epoch if epoch is None else epoch
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Fraction of padding positions in the rows all ranks read in an epoch."""
         layout = self.layout(epoch)
         used_rows = self.batches(epoch).size * self.world_size
         real_rows = min(used_rows, layout.num_rows)

@@ -19,13 +19,9 @@ from pathlib import Path
 import yaml
 
 from data.formats import KINDS
+from train.config import REPO_ROOT, ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_TOLERANCE = 1e-6
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the file or option and the valid choices."""
 
 
 @dataclass(frozen=True)

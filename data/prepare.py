@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from data.formats import DataFormatError, read_records
-from data.mixture import REPO_ROOT, DataConfig, SourceConfig, load_data_config
+from data.mixture import DataConfig, SourceConfig, load_data_config
 from data.store import META, PairedStore, StoreWriter, TokenStore
 from data.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer, load_tokenizer
+from train.config import REPO_ROOT
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "prepared"

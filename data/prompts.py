@@ -19,25 +19,19 @@ class PromptLoader:
         self.store = store
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.weights, self.drop_last = weights, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
 
     def batches(self, epoch: int):
         documents = epoch_documents(self.store.source, self.seed, epoch, self.weights)
         rows = rank_batches(len(documents), self.batch_size, self.rank, self.world_size, self.drop_last)
         return [[int(documents[row]) for row in batch if row != EMPTY_ROW] for batch in rows]
 
-    def padding_fraction(self, epoch: int | None = None) -> None:
+    def padding_fraction(self, epoch: int = 0) -> None:
         """Unknown here: prompts are padded per batch when they are generated from, not laid out in rows."""
         return None
 
     def __len__(self):
-        return len(self.batches(self.epoch))
-
-    def __iter__(self):
-        return self.iterate(self.epoch)
+        """Batches of the first epoch on this rank."""
+        return len(self.batches(0))
 
     def iterate(self, epoch: int, start_batch: int = 0):
         batches = self.batches(epoch)

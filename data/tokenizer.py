@@ -10,7 +10,9 @@ from pathlib import Path
 
 import tokenizers
 
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "model" / "tokenizer"
+from train.config import REPO_ROOT
+
+DEFAULT_TOKENIZER_DIR = REPO_ROOT / "model" / "tokenizer"
 CHAT_ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 MINIMIND_SPECIAL_TOKENS = {"bos_token": IM_START, "eos_token": IM_END, "pad_token": "<|endoftext|>"}

@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from train.config import REPO_ROOT
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Packages that are tests, GUIs, vendored tools or codec tables: poor prose, poor code samples.
 SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from train.config import REPO_ROOT
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 in this order
 MODEL_MAX_LENGTH = 32768
 # ChatML as MiniMind renders it, without its tool-calling and thinking branches:

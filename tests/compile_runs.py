@@ -1,5 +1,5 @@
 """Run by tests/test_compile.py in one process (so one compile serves every run): the same steps on the tiny model
-through train.engine.initialize, eager under ZeRO-2 and with --compile under ZeRO-2 and FSDP2, then greedy
+through the backend's wrap, eager under ZeRO-2 and with --compile under ZeRO-2 and FSDP2, then greedy
 generation with the compiled ZeRO-2 model and an eager copy of it. Writes losses, grad norms, trace counts and
 generated tokens as JSON.
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer, generate
-from train import distributed, engine as engines
+from train import distributed
+from train.backend import build_backend, unwrap
 from train.compile import trace_count
 from train.config import TrainConfig
 
@@ -33,23 +34,23 @@ def train(compile: bool, backend: str) -> dict:
     model = Transformer(ModelConfig.from_preset("tiny"))
     cfg = TrainConfig(data_config="unused", compile=compile, batch_size=ROWS, learning_rate=1e-3,
                       warmup_ratio=0.0, backend=backend, deepspeed="ds_configs/zero2.json")
-    engine = engines.initialize(model, cfg, engines.build_ds_config(cfg, 1, "fp32"), total_steps=len(WIDTHS))
+    engine = build_backend(cfg, 1).wrap(model, cfg, total_steps=len(WIDTHS))
     losses, norms = [], []
     for input_ids, doc_ids, labels in batches():
         logits = engine(input_ids, doc_ids=doc_ids).logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         engine.backward(loss)
-        engine.step()
+        update = engine.step()
         losses.append(loss.item())
-        norms.append(float(engine.get_global_grad_norm()))
+        norms.append(float(update.grad_norm))
     traces_after_training = trace_count()
     tokens = eval_difference = traces_after_generation = None
-    if backend == "deepspeed":  # the rollout path (train/rl.py generates with the trained module itself)
+    if backend == "deepspeed":  # the rollout path (train/rollout.py generates with the trained module itself)
         prompts = [[5, 6, 7, 8], [9, 10]]
-        compiled = generate(engines.unwrap(engine), prompts, 12, greedy=True).tokens
+        compiled = generate(unwrap(engine), prompts, 12, greedy=True).tokens
         traces_after_generation = trace_count()
         eager = Transformer(model.config)
-        eager.load_state_dict(engines.unwrap(engine).state_dict())
+        eager.load_state_dict(unwrap(engine).state_dict())
         tokens = {"compiled": compiled.tolist(), "eager": generate(eager, prompts, 12, greedy=True).tokens.tolist()}
         with torch.no_grad():  # evaluation's path: eval mode, no grad, no cache
             engine.eval(), eager.eval()

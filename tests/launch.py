@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from train.config import REPO_ROOT
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 # Keys every training log line carries (docs/metrics.md).

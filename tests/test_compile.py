@@ -16,7 +16,7 @@ from tests.launch import REPO_ROOT, free_port, run_command
 from model import ModelConfig, Transformer
 from train import compile as compiling
 from train.config import ConfigError, TrainConfig, parse_config
-from train.engine import build_ds_config
+from train.deepspeed_backend import build_ds_config
 
 STEPS = 4
 

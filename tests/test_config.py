@@ -4,7 +4,8 @@ import json
 import pytest
 
 from train.config import ConfigError, parse_config
-from train.engine import build_ds_config, lr_lambda
+from train.backend import lr_lambda
+from train.deepspeed_backend import build_ds_config
 from train.peak_flops import GPU_PEAKS, identify_gpu
 
 DEFAULTS = dict(stage="sft", data_config="config/data/posttrain/sft/general.yaml")

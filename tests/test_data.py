@@ -13,7 +13,8 @@ import yaml
 import data.prepare as prepare_module
 from data.formats import DataFormatError, read_records
 from data.loader import IGNORE_INDEX, BatchLoader
-from data.mixture import REPO_ROOT, ConfigError, load_data_config
+from data.mixture import load_data_config
+from train.config import REPO_ROOT, ConfigError
 from data.prepare import load_prepared, prepare
 from data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
@@ -222,7 +223,7 @@ def test_sft_labels_supervise_exactly_the_assistant_turns(tmp_path, tok):
     config = load_data_config(write_config(tmp_path, **{**base_options(source), "kind": "sft", "max_seq_len": 512}))
     store = prepare(config, tok, tmp_path / "cache").split("train")
     loader = BatchLoader(store, batch_size=len(conversations), seq_len=512, mode="padded", drop_last=False)
-    batch = next(iter(loader))
+    batch = next(loader.iterate(0))
     supervised = sorted(tok.decode(row[row != IGNORE_INDEX], skip_special_tokens=False) for row in batch["labels"])
     assistant_turns = [[m["content"] + "<|im_end|>" for m in c if m["role"] == "assistant"] for c in conversations]
     assert supervised == sorted("".join(turns) for turns in assistant_turns)

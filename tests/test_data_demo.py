@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from data.formats import read_records
-from data.mixture import REPO_ROOT
+from train.config import REPO_ROOT
 
 KINDS = {"pretrain.jsonl": "pretrain", "midtrain.jsonl": "pretrain", "sft.jsonl": "sft",
          "dpo.jsonl": "dpo", "rl_prompts.jsonl": "rl", "rl_eval.jsonl": "rl"}

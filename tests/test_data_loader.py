@@ -84,7 +84,7 @@ def test_labels_are_next_tokens_of_the_same_document(store, mode):
     trace = Trace(store)
     loader = BatchLoader(store, batch_size=4, seq_len=16, seed=1, mode=mode, drop_last=False)
     checked = 0
-    for batch in loader:
+    for batch in loader.iterate(0):
         rows = zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["doc_ids"].tolist())
         for ids, labels, doc_ids in rows:
             for t, (token, label) in enumerate(zip(ids, labels)):
@@ -101,7 +101,7 @@ def test_labels_are_next_tokens_of_the_same_document(store, mode):
 def test_doc_ids_and_positions_follow_the_documents(store, mode):
     trace = Trace(store)
     seq_len = 16
-    for batch in BatchLoader(store, batch_size=5, seq_len=seq_len, seed=2, mode=mode, drop_last=False):
+    for batch in BatchLoader(store, batch_size=5, seq_len=seq_len, seed=2, mode=mode, drop_last=False).iterate(0):
         for ids, doc_ids, positions in zip(batch["input_ids"], batch["doc_ids"], batch["position_ids"]):
             real = doc_ids >= 0
             filled = int(real.sum())
@@ -152,8 +152,8 @@ def test_ranks_get_disjoint_rows_and_equal_counts(store, mode):
                for r in range(world_size)]
     counts = {len(loader) for loader in loaders}
     assert len(counts) == 1 and counts.pop() > 0
-    seen = [set(non_pad_tokens(list(loader)).tolist()) for loader in loaders]
-    assert [len(list(loader)) for loader in loaders] == [len(loader) for loader in loaders]
+    seen = [set(non_pad_tokens(list(loader.iterate(0))).tolist()) for loader in loaders]
+    assert [len(list(loader.iterate(0))) for loader in loaders] == [len(loader) for loader in loaders]
     for a in range(world_size):
         for b in range(a + 1, world_size):
             assert not seen[a] & seen[b]
@@ -166,7 +166,7 @@ def test_mixture_weights_set_each_sources_share(tmp_path):
     trace = Trace(store)
     weights = [0.5, 0.5]
     loader = BatchLoader(store, batch_size=7, seq_len=64, mode="padded", weights=weights, drop_last=False)
-    first_tokens = [b["input_ids"][b["doc_ids"][:, 0] >= 0, 0] for b in loader]
+    first_tokens = [b["input_ids"][b["doc_ids"][:, 0] >= 0, 0] for b in loader.iterate(0)]
     docs = trace.doc_of[[trace.index(t) for t in torch.cat(first_tokens).tolist()]]
     per_doc = np.bincount(docs, minlength=len(store))
     for source, weight in enumerate(weights):
@@ -183,7 +183,7 @@ def test_padding_fraction_equals_a_direct_count(store, mode, drop_last):
     loaders = [BatchLoader(store, batch_size=7, seq_len=24, rank=r, world_size=world_size, seed=9, mode=mode,
                            drop_last=drop_last) for r in range(world_size)]
     assert loaders[0].layout(0).num_rows % (7 * world_size)  # some rows are dropped or completed
-    batches = [batch for loader in loaders for batch in loader]
+    batches = [batch for loader in loaders for batch in loader.iterate(0)]
     padding = sum(int((b["doc_ids"] < 0).sum()) for b in batches)
     positions = sum(b["doc_ids"].numel() for b in batches)
     assert loaders[0].padding_fraction() == pytest.approx(padding / positions)
@@ -199,7 +199,7 @@ def test_dpo_batches_stack_chosen_then_rejected_of_the_same_pairs(tmp_path):
     batch_size = 4
     loader = BatchLoader(pairs, batch_size, seq_len=32, mode="padded", seed=1)
     assert len(loader) == len(pairs) // batch_size
-    for batch in loader:
+    for batch in loader.iterate(0):
         assert batch["input_ids"].shape == (2 * batch_size, 32)
         for i in range(batch_size):
             chosen_doc = chosen_trace.doc_of[chosen_trace.index(batch["input_ids"][i, 0])]
@@ -228,7 +228,7 @@ def test_prompt_loader_splits_prompts_across_ranks(tmp_path, drop_last):
     assert len(loaders[0]) == len(loaders[1]) == (count // rows_per_step if drop_last else -(-count // rows_per_step))
     seen = []
     for loader in loaders:
-        for batch in loader:
+        for batch in loader.iterate(0):
             for doc, prompt, answer in zip(batch["doc_index"], batch["prompt_ids"], batch["answers"]):
                 assert prompt == store.doc(doc)[0].tolist() and answer == answers[doc]
                 seen.append(doc)

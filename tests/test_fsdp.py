@@ -44,7 +44,8 @@ def test_fsdp_run_matches_zero2_loss_curve_and_grad_norm(comparison):
         assert ours["train/learning_rate"] == pytest.approx(theirs["train/learning_rate"], rel=1e-9)
         assert ours["train/num_input_tokens_seen"] == theirs["train/num_input_tokens_seen"]
     config = read_run_config(out / "runs" / "fsdp")
-    assert config["deepspeed"]["backend"] == "fsdp" and config["world_size"] == 2
+    assert config["backend"] == "fsdp" and "deepspeed" not in config and "zero_stage" not in config
+    assert config["fsdp"]["reduce_dtype"] == "fp32" and config["world_size"] == 2
     assert "FSDP2" in (out / "runs" / "fsdp.log").read_text()
 
 

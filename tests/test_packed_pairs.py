@@ -167,7 +167,7 @@ def test_packed_pairs_cut_to_fit_are_the_kept_prefixes(tmp_path):
     rejected = build_store(tmp_path / "rejected", [10, 30, 20], first_id=FIRST_ID + 3000)
     loader = BatchLoader(PairedStore(chosen, rejected), 3, 25, mode="packed", drop_last=False)
     layout = loader.layout(0)
-    batch = next(iter(loader))
+    batch = next(loader.iterate(0))
     kept = {int(document): lengths.tolist() for document, lengths in zip(layout.documents, layout.kept_lengths)}
     assert kept == {0: [15, 10], 1: [5, 20], 2: [13, 12]}
     count = 3

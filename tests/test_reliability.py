@@ -19,7 +19,7 @@ from tests.launch import REPO_ROOT, read_metrics, read_run_config, run_stage, st
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data_loading import build_data
-from train.engine import build_ds_config
+from train.deepspeed_backend import build_ds_config
 from train.loggers import JsonlLogger, Logger, MultiLogger
 from train.stage import LanguageModelStage
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.launch import CONTRACT, read_metrics, read_run_config, run_launch_script, run_stage
 from train.config import parse_config
-from train.trainer import resolve_from_weight
+from train.exports import resolve_from_weight
 
 SHORT_RUN = ["--model", "tiny", "--batch_size", "4", "--accumulation_steps", "2", "--log_interval", "1",
              "--eval_interval", "0", "--eval_batches", "1", "--throughput_warmup_steps", "1"]

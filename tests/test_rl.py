@@ -23,7 +23,8 @@ from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, r
 from train.config import ConfigError, parse_config
 from train.grpo import GRPOConfig, group_advantages
 from train.ppo import PPOConfig
-from train.rl import clipped_policy_loss, gae, k3_kl, rule_reward
+from train.rl_losses import clipped_policy_loss, gae, k3_kl
+from train.rollout import rule_reward
 
 DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
 PROMPTS, ACCUMULATION, STEPS, SEED, NEW_TOKENS, GROUP = 4, 2, 2, 7, 12, 2

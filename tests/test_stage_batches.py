@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from model import ModelConfig, Transformer
-from train.stage import IGNORE_INDEX, LanguageModelStage
+from data.loader import IGNORE_INDEX
+from train.stage import LanguageModelStage
 
 
 def padded_batch(lengths: list[int], seq_len: int, vocab_size: int) -> dict:

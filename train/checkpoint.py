@@ -1,5 +1,5 @@
-"""Checkpoints (DeepSpeed's or, under FSDP, torch.distributed.checkpoint's, plus per-rank RNG) and the
-consolidated export the next stage starts from.
+"""Checkpoints: each trained model's state as its backend writes it (DeepSpeed's folders, or under FSDP
+torch.distributed.checkpoint's), the trainer's state, and per-rank RNG.
 
 Layout under <out_dir>/checkpoints: one folder per tag (`step_00000120`) and a `latest` file naming the
 newest complete one. `latest` is written last, atomically, after every rank has finished its part, so a run
@@ -11,20 +11,21 @@ used instead. The ranks share the hashing (file i goes to rank i mod world size)
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import sys
 import zlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from train import distributed
-from train.fsdp import FSDPEngine
+from train.backend import TrainedModel
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -71,19 +72,15 @@ def _mine(items: list) -> list:
     return items[distributed.rank()::distributed.world_size()]
 
 
-def _gathered(part: list) -> list:
-    """The concatenation of every rank's list (one collective)."""
-    if distributed.world_size() == 1:
-        return part
-    parts = [None] * distributed.world_size()
-    dist.all_gather_object(parts, part)
-    return [item for rank_part in parts for item in rank_part]
+def _flatten(parts: list[list]) -> list:
+    return [item for part in parts for item in part]
 
 
 def _write_manifest(directory: Path) -> None:
     """Collective: size and CRC-32 of every file of a finished save, written by rank 0."""
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    entries = _gathered([(name, (directory / name).stat().st_size, _crc32(directory / name)) for name in _mine(files)])
+    mine = [(name, (directory / name).stat().st_size, _crc32(directory / name)) for name in _mine(files)]
+    entries = _flatten(distributed.gather_objects(mine))
     if distributed.is_main():
         manifest = {name: {"bytes": size, "crc32": crc} for name, size, crc in sorted(entries)}
         _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
@@ -107,16 +104,16 @@ def verify(directory: Path) -> list[str]:
             problems.append(f"{path} has {path.stat().st_size} bytes, {saved['bytes']} were saved (truncated?)")
         elif _crc32(path) != saved["crc32"]:
             problems.append(f"{path} is corrupt: its CRC-32 differs from the one saved")
-    return sorted(_gathered(problems))
+    return sorted(_flatten(distributed.gather_objects(problems)))
 
 
-def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int,
-         extra_engines: Optional[dict] = None) -> Path:
-    """Collective: every rank calls it. `extra_engines` (name -> engine, e.g. PPO's critic) go in subfolders."""
+def save(model: TrainedModel, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int,
+         extra_models: Optional[dict[str, TrainedModel]] = None) -> Path:
+    """Collective: every rank calls it. `extra_models` (name -> model, e.g. PPO's critic) go in subfolders."""
     tag = tag_for(global_step)
-    _save_engine(engine, checkpoint_dir, tag, client_state)
-    for name, extra in (extra_engines or {}).items():
-        _save_engine(extra, checkpoint_dir / tag, name, {})  # DeepSpeed requires a dict
+    model.save(checkpoint_dir, tag, client_state)
+    for name, extra in (extra_models or {}).items():
+        extra.save(checkpoint_dir / tag, name, {})  # DeepSpeed requires a dict
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     _write_manifest(checkpoint_dir / tag)
@@ -129,29 +126,13 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict, kee
     return checkpoint_dir / tag
 
 
-def _save_engine(engine, directory: Path, tag: str, client_state: Optional[dict]) -> None:
-    """Collective: the engine's state in directory/tag."""
-    if isinstance(engine, FSDPEngine):
-        engine.save(directory / tag, client_state)
-    else:
-        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-
-
-def _load_engine(engine, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
-    """Collective: (loaded?, client state) of the engine's state in directory/tag."""
-    if isinstance(engine, FSDPEngine):
-        return True, engine.load(directory / tag)
-    path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-    return path is not None, client_state
-
-
 def latest_tag(checkpoint_dir: Path) -> Optional[str]:
     path = checkpoint_dir / LATEST
     return path.read_text().strip() if path.is_file() else None
 
 
-def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> tuple[str, dict]:
+def load(model: TrainedModel, checkpoint_dir: Path, extra_models: Optional[dict[str, TrainedModel]] = None
+         ) -> tuple[str, dict]:
     """Collective. Returns (tag, client_state) of the latest checkpoint; restores this rank's RNG."""
     latest = latest_tag(checkpoint_dir)
     if latest is None:
@@ -170,11 +151,11 @@ def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> 
     else:
         raise RuntimeError(f"--from_resume: no usable checkpoint in {checkpoint_dir} (see the warnings above); "
                            f"run without --from_resume to start fresh")
-    loaded, client_state = _load_engine(engine, checkpoint_dir, tag)
+    loaded, client_state = model.load(checkpoint_dir, tag)
     if not loaded:
         raise RuntimeError(f"--from_resume: DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
-    for name, extra in (extra_engines or {}).items():
-        if not _load_engine(extra, checkpoint_dir / tag, name)[0]:
+    for name, extra in (extra_models or {}).items():
+        if not extra.load(checkpoint_dir / tag, name)[0]:
             raise RuntimeError(f"--from_resume: DeepSpeed could not load the {name} of {checkpoint_dir / tag}")
     rng_file = checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():
@@ -182,19 +163,22 @@ def load(engine, checkpoint_dir: Path, extra_engines: Optional[dict] = None) -> 
     return tag, client_state
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> Optional[dict]:
-    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3 and FSDP, where each rank holds a shard."""
-    if isinstance(engine, FSDPEngine):
-        return engine.full_state_dict()
-    module = engine.module
-    if zero_stage < 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if distributed.is_main() else None
-    import deepspeed
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
-    state = {}
-    for name, param in module.named_parameters():
-        # One parameter at a time keeps the gathered size bounded by the largest tensor.
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if distributed.is_main():
-                state[name] = param.detach().cpu().clone()
-    return state if distributed.is_main() else None
+
+def disk_full_error(error: Exception, folder: Path, previous: Optional[str]) -> Optional[OSError]:
+    """An error that says "disk full" when `error`, raised while saving `folder`, comes from a full disk: ENOSPC,
+    or less space left than the previous checkpoint took (torch.save reports ENOSPC as a bare RuntimeError from
+    its zip writer). None when the disk is not the cause."""
+    free = shutil.disk_usage(folder.parent).free
+    needed = folder_bytes(folder.parent / previous) if previous else None
+    if getattr(error, "errno", None) != errno.ENOSPC and (needed is None or free >= needed):
+        return None
+    kept = (f"the previous checkpoint {folder.parent / previous} is untouched and 'latest' still names it"
+            if previous else "no earlier checkpoint exists")
+    full = OSError(errno.ENOSPC, f"disk full while saving checkpoint {folder} ({free:,} bytes free"
+                                 + (f", the previous checkpoint took {needed:,}" if needed else "")
+                                 + f"; {type(error).__name__}: {error}); {kept}", str(folder))
+    print(f"ERROR: {full.strerror}", file=sys.stderr, flush=True)
+    return full

@@ -3,8 +3,8 @@
 Each block's forward is compiled in place (no wrapper module, so parameter names and checkpoints are unchanged).
 All blocks share one graph (parameters are graph inputs, not constants), and the engine's hooks stay outside it:
 DeepSpeed ZeRO 0-2 hook parameters and gradients, FSDP2 shards at block granularity. ZeRO-3 is refused in
-train/engine.py: its parameter hooks sit on every submodule, inside the block, and break its graph apart; so is a
-mixture-of-experts FFN, whose routing breaks it at every expert.
+train/deepspeed_backend.py: its parameter hooks sit on every submodule, inside the block, and break its graph
+apart; so is a mixture-of-experts FFN, whose routing breaks it at every expert.
 
 Decoding with a KV cache (generation, PPO/GRPO rollouts) stays eager: the cache's length changes every token and
 the cache object is mutated, which would retrace the block at every length.

@@ -15,9 +15,12 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-from data.mixture import ConfigError  # one error type for every bad option, data or training
+REPO_ROOT = Path(__file__).resolve().parent.parent  # relative paths in options and data configs start here
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (a training option or a data config); the message names the file or option
+    and the valid choices."""
 
 
 @dataclass

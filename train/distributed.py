@@ -113,9 +113,37 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def broadcast_object(value):
+# ----- cross-rank reductions: every collective the training code runs on the default group -----
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over every rank, in place (no-op on one rank)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """Host numbers reduced over the ranks (sum, mean, min or max), in one collective."""
     if world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                                "max": dist.ReduceOp.MAX}[op])
+    return [value / world_size() if op == "mean" else value for value in tensor.tolist()]
+
+
+def gather_rows(vector: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `vector` as the rows of a [world, K] tensor (one all-gather)."""
+    if world_size() == 1:
+        return vector.unsqueeze(0)
+    gathered = [torch.empty_like(vector) for _ in range(world_size())]
+    dist.all_gather(gathered, vector)
+    return torch.stack(gathered)
+
+
+def gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order (one all-gather)."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values

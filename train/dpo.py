@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from model import ModelConfig, forward_flops, num_params
 from train import distributed
 from train.config import ConfigError, TrainConfig
-from train.engine import frozen_copy, local_numel, unwrap
+from data.loader import IGNORE_INDEX
+from train.backend import local_numel, unwrap
 from train.metrics import BatchStats
-from train.stage import IGNORE_INDEX, LossOutput, PairedStage, document_lengths
-from train.trainer import main
+from train.stage import PairedStage, StageContext, document_lengths
+from train.updater import LossOutput
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -65,12 +66,13 @@ class DPOStage(PairedStage):
     name = "dpo"
     config_class = DPOConfig
 
-    def setup(self, trainer) -> None:
-        self.beta, self.kind = trainer.cfg.beta, trainer.cfg.dpo_loss
-        self.reference = frozen_copy(trainer.engine, trainer.ds_config, trainer.device)
+    def setup(self, ctx: StageContext) -> None:
+        super().setup(ctx)
+        self.beta, self.kind = ctx.cfg.beta, ctx.cfg.dpo_loss
+        self.reference = ctx.backend.frozen_copy(ctx.model)
         if distributed.is_main():
             print(f"[dpo] frozen reference: {local_numel(self.reference) / 1e6:.2f}M of its "
-                  f"{num_params(trainer.model_config) / 1e6:.2f}M parameters on this rank; β {self.beta}, "
+                  f"{num_params(ctx.model_config) / 1e6:.2f}M parameters on this rank; β {self.beta}, "
                   f"{self.kind} loss", flush=True)
 
     def prepare_batch(self, batch: dict) -> dict:
@@ -89,8 +91,8 @@ class DPOStage(PairedStage):
         return BatchStats(input_tokens=int(lengths.sum()), supervised_tokens=targets, samples=batch["pairs"],
                           model_flops=4.0 * forward)
 
-    def loss(self, engine, batch: dict) -> LossOutput:
-        policy, aux_loss = sequence_logps(engine, batch)
+    def loss(self, model, batch: dict) -> LossOutput:
+        policy, aux_loss = sequence_logps(model, batch)
         with torch.no_grad():
             reference, _ = sequence_logps(self.reference, batch)
         if self.kind == "ipo":
@@ -108,6 +110,8 @@ class DPOStage(PairedStage):
 
 
 if __name__ == "__main__":
+    from train.cli import main  # the script's entry point: the trainer runs this stage
+
     # The tiny demo model needs a larger step than DPO's usual 5e-7 for its held-out accuracy to rise
     # (docs/results.md: 1e-5 barely moved it in 3 epochs; 5e-5 to 2e-4 all reach about the same plateau).
     main(DPOStage(), dict(data_config="config/data/posttrain/dpo/demo.yaml", from_weight="sft", learning_rate=5e-5,

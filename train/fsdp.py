@@ -1,13 +1,11 @@
-"""The FSDP2 backend (`--backend fsdp`): PyTorch's `fully_shard`, behind the small part of DeepSpeed's engine
-interface that the trainer and the stages use, so the loop stays backend-agnostic.
+"""The FSDP2 backend (`--backend fsdp`, started with torchrun): PyTorch's `fully_shard`.
 
 Each transformer block is its own shard group and the root holds the rest (embedding, tied LM head, final norm):
-parameters, gradients and optimizer state are sharded over the ranks, as under ZeRO-3. The conventions are
-DeepSpeed's, so a run matches a ZeRO run of the same seed: `backward` divides the loss by the accumulation steps
-and the reduce-scatter averages over ranks (the trainer's `loss_scale` undoes both); at the accumulation boundary
-`step` clips with `clip_grad_norm_` on the sharded gradients, whose result is the norm of the full gradient,
-and keeps that pre-clip norm for `get_global_grad_norm`. Checkpoints are `torch.distributed.checkpoint` folders
-(each rank writes its shards), and `full_state_dict` gathers the whole model on rank 0 for the export.
+parameters, gradients and optimizer state are sharded over the ranks, as under ZeRO-3. The reduce-scatter
+averages gradients over ranks, so the objective is scaled by the world size to make that a sum; `step` clips with
+`clip_grad_norm_` on the sharded gradients, whose result is the norm of the full gradient. Checkpoints are
+`torch.distributed.checkpoint` folders (each rank writes its shards), and `full_state_dict` gathers the whole
+model on rank 0 for the export.
 """
 from __future__ import annotations
 
@@ -24,6 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from model.model import Block
 from train import distributed
+from train.backend import Backend, TrainedModel, Update
+from train.config import ConfigError, TrainConfig
 
 ENGINE_STATE = "engine_state.pt"  # scheduler, step counters and the trainer's client state (rank 0)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -42,87 +42,104 @@ def shard(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return model
 
 
-class FSDPEngine:
-    """What the trainer calls on a DeepSpeed engine, for a `fully_shard`ed model and its torch optimizer."""
+class FSDPBackend(Backend):
+    name = "fsdp"
+    shards_parameters = True
+    frozen_forward_is_collective = False  # frozen models stay plain: ranks may run different numbers of forwards
+
+    def __init__(self, cfg: TrainConfig, world_size: int, dtype: str):
+        if dtype == "fp16":
+            raise ConfigError("--dtype fp16: --backend fsdp has no loss scaler here; use --dtype bf16 or fp32, "
+                              "or --backend deepspeed")
+        super().__init__(dtype)
+        self.world_size, self.grad_clip = world_size, cfg.grad_clip
+
+    def describe(self) -> str:
+        return "FSDP2"
+
+    def run_tag(self) -> str:
+        return "fsdp"
+
+    def settings(self) -> dict:
+        return {"dtype": self.dtype, "gradient_clipping": self.grad_clip, "reduce_dtype": "fp32",
+                "sharding": "fully_shard per transformer block + root, resharded after forward"}
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return shard(model, self.dtype)
+
+    def trained(self, model, optimizer, scheduler) -> "FSDPModel":
+        return FSDPModel(model, optimizer, scheduler, self.world_size, self.grad_clip)
+
+    def frozen(self, module: torch.nn.Module):
+        return module.requires_grad_(False).eval().to(distributed.device())
+
+
+class FSDPModel(TrainedModel):
+    """A `fully_shard`ed model with its torch optimizer and schedule."""
+    grad_norm_source = "clip_grad_norm_ over the sharded gradients"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, accumulation_steps: int, grad_clip: float):
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, world_size: int, grad_clip: float):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
-        self.accumulation_steps, self.grad_clip = accumulation_steps, grad_clip
-        self.micro_steps = 0
+        self.world_size, self.grad_clip = world_size, grad_clip
+        self.micro_steps = 0  # backward passes, and applied updates: saved with the checkpoint
         self.global_steps = 0
-        self._grad_norm: Optional[torch.Tensor] = None
-        self._applied = True
 
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return (self.micro_steps + 1) % self.accumulation_steps == 0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation_steps).backward()
-
-    def step(self) -> None:
-        """At the accumulation boundary: clip, update, advance the schedule; elsewhere only count the micro-step."""
-        if self.is_gradient_accumulation_boundary():
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            if self.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            self._grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).to(torch.float64)
-            # As DeepSpeed's ZeRO optimizers do, a non-finite norm skips the update and the schedule (read on the
-            # host, as they read it).
-            self._applied = bool(torch.isfinite(self._grad_norm))
-            if self._applied:
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.global_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, objective: torch.Tensor) -> None:
+        (objective * self.world_size).backward()  # the reduce-scatter averages over ranks
         self.micro_steps += 1
 
-    def get_global_grad_norm(self) -> Optional[torch.Tensor]:
-        """The pre-clip norm of the full gradient at the last boundary (None before the first)."""
-        return self._grad_norm
-
-    def was_step_applied(self) -> bool:
-        return self._applied
-
-    def get_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
+    def step(self) -> Update:
+        """Clip, update, advance the schedule; as DeepSpeed's ZeRO optimizers do, a non-finite norm skips the
+        update and the schedule (read on the host, as they read it)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = full_tensor(norm).to(torch.float64)
+        applied = bool(torch.isfinite(grad_norm))
+        if applied:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.global_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return Update(grad_norm, not applied, applied)
 
     # ----- checkpoints -----
-    def save(self, directory: Path, client_state: Optional[dict]) -> None:
-        """Collective: the sharded model and optimizer state, plus the engine's own state (rank 0)."""
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        """Collective: the sharded model and optimizer state, plus the schedule and counters (rank 0)."""
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / tag))
         if distributed.is_main():
             torch.save({"lr_scheduler": self.lr_scheduler.state_dict(), "micro_steps": self.micro_steps,
-                        "global_steps": self.global_steps, "client_state": client_state}, directory / ENGINE_STATE)
+                        "global_steps": self.global_steps, "client_state": client_state},
+                       directory / tag / ENGINE_STATE)
 
-    def load(self, directory: Path) -> Optional[dict]:
-        """Collective: restore what `save` wrote; returns its client state."""
+    def load(self, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory / tag))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        engine_state = torch.load(directory / ENGINE_STATE, weights_only=False)
+        engine_state = torch.load(directory / tag / ENGINE_STATE, weights_only=False)
         self.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
         self.micro_steps, self.global_steps = engine_state["micro_steps"], engine_state["global_steps"]
-        return engine_state["client_state"]
+        return True, engine_state["client_state"]
 
     def full_state_dict(self) -> Optional[dict]:
-        """Collective: the whole model's weights on rank 0's CPU (None on the other ranks)."""
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if distributed.is_main() else None
+
+    @torch.no_grad()
+    def copy_weights_to(self, target: torch.nn.Module) -> None:
+        targets = dict(target.named_parameters())
+        for name, param in self.module.named_parameters():
+            targets[name].data.copy_(full_tensor(param.data))
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from train.config import ConfigError
-from train.rl import RLConfig, RLStage, k3_kl
-from train.trainer import main
+from train.rl import RLConfig, RLStage
+from train.rl_losses import k3_kl
+from train.rollout import Rollout
+from train.stage import StageContext
 
 
 @dataclass
@@ -36,25 +38,27 @@ class GRPOStage(RLStage):
     name = "grpo"
     config_class = GRPOConfig
 
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        self.group_size = trainer.cfg.group_size
+    def setup(self, ctx: StageContext) -> None:
+        self.group_size = ctx.cfg.group_size
+        super().setup(ctx)
 
     @torch.no_grad()
-    def advantages(self, trainer, rollouts: list[dict]) -> None:
+    def advantages(self, rollouts: list[Rollout]) -> None:
         for rollout in rollouts:
-            advantages, rollout["group_std"] = group_advantages(rollout["scores"], self.group_size)
-            rollout["advantages"] = advantages[:, None] * rollout["mask"]
+            advantages, rollout.group_std = group_advantages(rollout.scores, self.group_size)
+            rollout.advantages = advantages[:, None] * rollout.mask
 
-    def policy_loss(self, rollout: dict, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_loss(self, rollout: Rollout, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses, clipped = super().policy_loss(rollout, logps)
-        return losses + self.cfg.kl_coef * k3_kl(logps, rollout["ref_logps"]), clipped
+        return losses + self.ctx.cfg.kl_coef * k3_kl(logps, rollout.ref_logps), clipped
 
-    def extra_metrics(self, rollout: dict, sums: dict, tokens: float, epochs_done: int) -> dict:
-        return {"objective/reward_std": (rollout["group_std"].sum(), len(rollout["group_std"])),
+    def extra_metrics(self, rollout: Rollout, sums: dict, tokens: float, epochs_done: int) -> dict:
+        return {"objective/reward_std": (rollout.group_std.sum(), len(rollout.group_std)),
                 "policy/clip_ratio": (torch.as_tensor(sums["clipped"]), tokens * epochs_done)}
 
 
 if __name__ == "__main__":
+    from train.cli import main  # the script's entry point: the trainer runs this stage
+
     main(GRPOStage(), dict(data_config="config/data/posttrain/rl/demo.yaml", from_weight="sft", learning_rate=1e-5,
                            batch_size=4, epochs=1, max_steps=20, log_interval=1, eval_interval=10, eval_batches=4))

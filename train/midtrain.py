@@ -2,8 +2,8 @@
 
     python train/midtrain.py --data_config config/data/midtrain/demo.yaml --from_weight pretrain
 """
+from train.cli import main
 from train.stage import LanguageModelStage
-from train.trainer import main
 
 if __name__ == "__main__":
     main(LanguageModelStage("midtrain", data_kind="pretrain", default_packing="packed"),

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from train import distributed
 from train.distributed import local_world_size
 
 T = 1e12
@@ -135,7 +136,7 @@ def measure_gemm_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -
     return 2 * size**3 / best
 
 
-def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
+def cpu_peak(dtype: str, cache_dir: Path) -> PeakFlops:
     """Measured CPU GEMM peak, averaged over ranks that ran at once: the best rate this machine has shown.
 
     Every run measures again (about a tenth of a second) and keeps the higher of that and the cached figure. A
@@ -151,9 +152,9 @@ def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    measured = reduce(measure_gemm_flops(torch_dtype), "mean")
+    measured = distributed.reduce_values([measure_gemm_flops(torch_dtype)], "mean")[0]
     # The ranks may have read different cache files (one per node): the lowest keeps every rank on one figure.
-    cached = reduce(float(cache.get(key) or 0.0), "min")
+    cached = distributed.reduce_values([float(cache.get(key) or 0.0)], "min")[0]
     peak = max(measured, cached)
     if peak > float(cache.get(key) or 0.0):
         cache[key] = peak
@@ -169,13 +170,13 @@ def cpu_peak(dtype: str, cache_dir: Path, reduce) -> PeakFlops:
                            f"{measured / T:.4f} TFLOP/s and the cached best; key {key}")
 
 
-def device_peak(dtype: str, override_tflops: Optional[float], cache_dir: Path, reduce) -> PeakFlops:
-    """`reduce(value, op)` combines a float over all ranks with op "min" or "mean"."""
+def device_peak(dtype: str, override_tflops: Optional[float], cache_dir: Path) -> PeakFlops:
+    """Collective on CPU: the per-device dense peak of the training dtype."""
     if override_tflops:
         return PeakFlops(override_tflops * T, f"--peak_tflops {override_tflops}")
     if torch.cuda.is_available():
         return gpu_peak(dtype)
-    return cpu_peak(dtype, cache_dir, reduce)
+    return cpu_peak(dtype, cache_dir)
 
 
 def describe(peak: PeakFlops) -> dict:

@@ -11,7 +11,6 @@ when it scores (--reward model), else from the policy's weights with a zero valu
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -20,10 +19,12 @@ import torch
 from model import RewardModel
 from model.value_head import load_reward_model, value_forward_flops
 from train import distributed
-from train.engine import initialize
-from train.rl import RLConfig, RLStage, gae, masked_whiten, response_values
-from train.stage import build_language_model
-from train.trainer import main, resolve_from_weight, resolve_weights
+from train.exports import resolve_from_weight, resolve_weights
+from train.rl import RLConfig, RLStage
+from train.rl_losses import gae, masked_whiten, response_values
+from train.rollout import Rollout
+from train.stage import StageContext, build_language_model
+from train.updater import LossOutput, Updater
 
 
 @dataclass
@@ -39,16 +40,16 @@ class PPOStage(RLStage):
     name = "ppo"
     config_class = PPOConfig
 
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        cfg = trainer.cfg
+    def setup(self, ctx: StageContext) -> None:
+        super().setup(ctx)
+        cfg = ctx.cfg
         if cfg.reward == "model":
             critic = load_reward_model(resolve_weights(cfg, "reward_model", cfg.reward_model))
         else:
-            critic = RewardModel(trainer.model_config, backbone=build_language_model(cfg, resolve_from_weight(cfg)))
+            critic = RewardModel(ctx.model_config, backbone=build_language_model(cfg, resolve_from_weight(cfg)))
         self.critic_config = critic.config
-        self.critic = initialize(critic, dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate),
-                                 copy.deepcopy(trainer.ds_config), trainer.total_steps * cfg.ppo_epochs)
+        self.critic = ctx.backend.wrap(critic, dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate),
+                                       ctx.total_steps * cfg.ppo_epochs)
         self.critic.train()
         self.critic_grad_norm = None
         if distributed.is_main():
@@ -56,53 +57,56 @@ class PPOStage(RLStage):
                   f"{cfg.reward}, {cfg.ppo_epochs} PPO epochs, clip {cfg.clip_range}, k3 KL coefficient "
                   f"{cfg.kl_coef}", flush=True)
 
-    def extra_engines(self) -> dict:
+    def trained_models(self) -> dict:
         return {"critic": self.critic}
 
     @torch.no_grad()
-    def advantages(self, trainer, rollouts: list[dict]) -> None:
+    def advantages(self, rollouts: list[Rollout]) -> None:
+        cfg = self.ctx.cfg
         for rollout in rollouts:
-            mask = rollout["mask"]
-            rollout["values"] = response_values(self.critic, rollout) * mask
-            rewards = -self.cfg.kl_coef * rollout["kl"]
-            last = torch.tensor(rollout["response_lengths"], device=mask.device) - 1
-            rewards[torch.arange(len(last), device=mask.device), last] += rollout["scores"]
-            rollout["advantages"], rollout["returns"] = gae(rewards, rollout["values"], mask, self.cfg.gamma,
-                                                            self.cfg.lam)
-        whitened = masked_whiten([r["advantages"] for r in rollouts], [r["mask"] for r in rollouts])
+            mask = rollout.mask
+            rollout.values = response_values(self.critic, rollout) * mask
+            rewards = -cfg.kl_coef * rollout.kl
+            last = torch.tensor(rollout.response_lengths, device=mask.device) - 1
+            rewards[torch.arange(len(last), device=mask.device), last] += rollout.scores
+            rollout.advantages, rollout.returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        whitened = masked_whiten([r.advantages for r in rollouts], [r.mask for r in rollouts])
         for rollout, advantages in zip(rollouts, whitened):
-            rollout["advantages"] = advantages
+            rollout.advantages = advantages
 
-    def update_critic(self, trainer, rollout: dict, scale: torch.Tensor) -> dict:
-        values, old, returns, mask = response_values(self.critic, rollout), rollout["values"], rollout["returns"], \
-            rollout["mask"]
-        clipped = old + (values - old).clamp(-self.cfg.value_clip, self.cfg.value_clip)
+    def _value_loss(self, critic, rollout: Rollout) -> LossOutput:
+        values, old, returns = response_values(critic, rollout), rollout.values, rollout.returns
+        clipped = old + (values - old).clamp(-self.ctx.cfg.value_clip, self.ctx.cfg.value_clip)
         losses = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-        loss_sum = (losses * mask).sum()
-        grad_norm = trainer.backward_step(self.critic, loss_sum * scale)
-        if grad_norm is not None:
-            self.critic_grad_norm = grad_norm
-        return {"value_loss": loss_sum.detach()}
+        return LossOutput(loss_sum=(losses * rollout.mask).sum())
 
-    def extra_metrics(self, rollout: dict, sums: dict, tokens: float, epochs_done: int) -> dict:
+    def update_critic(self, updater: Updater, rollouts: list[Rollout], normaliser: torch.Tensor) -> list[dict]:
+        outputs, update = updater.update(self.critic, rollouts, self._value_loss, normaliser)
+        if update.grad_norm is not None:
+            self.critic_grad_norm = update.grad_norm
+        return [{"value_loss": output.loss_sum.detach()} for output in outputs]
+
+    def extra_metrics(self, rollout: Rollout, sums: dict, tokens: float, epochs_done: int) -> dict:
         return {"loss/value": (torch.as_tensor(sums["value_loss"]), tokens * epochs_done),
-                "val/mean": ((rollout["values"] * rollout["mask"]).sum(), tokens)}
+                "val/mean": ((rollout.values * rollout.mask).sum(), tokens)}
 
     def step_metrics(self) -> dict:
         norm, self.critic_grad_norm = self.critic_grad_norm, None
         return {} if norm is None else {"critic/grad_norm": (norm, 1)}
 
-    def _critic_flops(self, rollout: dict) -> float:
-        scored = [p + r - 1 for p, r in zip(rollout["prompt_lengths"], rollout["response_lengths"])]
+    def _critic_flops(self, rollout: Rollout) -> float:
+        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
         return float(value_forward_flops(self.critic_config, scored))
 
-    def rollout_flops(self, rollout: dict) -> float:
+    def rollout_flops(self, rollout: Rollout) -> float:
         return super().rollout_flops(rollout) + self._critic_flops(rollout)  # the rollout's values
 
-    def update_flops(self, rollout: dict) -> float:
+    def update_flops(self, rollout: Rollout) -> float:
         return super().update_flops(rollout) + 3.0 * self._critic_flops(rollout)
 
 
 if __name__ == "__main__":
+    from train.cli import main  # the script's entry point: the trainer runs this stage
+
     main(PPOStage(), dict(data_config="config/data/posttrain/rl/demo.yaml", from_weight="sft", learning_rate=1e-5,
                           batch_size=8, epochs=1, max_steps=20, log_interval=1, eval_interval=10, eval_batches=4))

@@ -3,8 +3,8 @@
     python train/pretrain.py --data_config config/data/pretrain/demo.yaml
     deepspeed --num_gpus 2 train/pretrain.py --deepspeed ds_configs/zero2.json ...
 """
+from train.cli import main
 from train.stage import LanguageModelStage
-from train.trainer import main
 
 if __name__ == "__main__":
     main(LanguageModelStage("pretrain", data_kind="pretrain", default_packing="packed"),

@@ -19,8 +19,8 @@ from model import ModelConfig, RewardModel, save_reward_model
 from model.value_head import is_reward_model, load_reward_model, value_forward_flops
 from train.config import TrainConfig
 from train.metrics import BatchStats
-from train.stage import LossOutput, PairedStage, build_language_model, document_lengths
-from train.trainer import main
+from train.stage import PairedStage, build_language_model, document_lengths
+from train.updater import LossOutput
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,8 @@ class RewardStage(PairedStage):
         return BatchStats(input_tokens=int(lengths.sum()), supervised_tokens=2 * batch["pairs"],  # one score a row
                           samples=batch["pairs"], model_flops=3.0 * value_forward_flops(model_config, lengths))
 
-    def loss(self, engine, batch: dict) -> LossOutput:
-        output = engine(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+    def loss(self, model, batch: dict) -> LossOutput:
+        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
         scores = output.values.float().flatten()[batch["last_positions"]]
         chosen, rejected = scores.chunk(2)
         real = batch["real_pairs"].float()
@@ -67,5 +67,7 @@ class RewardStage(PairedStage):
 
 
 if __name__ == "__main__":
+    from train.cli import main  # the script's entry point: the trainer runs this stage
+
     main(RewardStage(), dict(data_config="config/data/posttrain/dpo/demo.yaml", from_weight="sft",
                              learning_rate=1e-4, epochs=2))

@@ -2,8 +2,8 @@
 
     python train/sft.py --data_config config/data/posttrain/sft/general.yaml --from_weight midtrain
 """
+from train.cli import main
 from train.stage import LanguageModelStage
-from train.trainer import main
 
 if __name__ == "__main__":
     main(LanguageModelStage("sft", data_kind="sft", default_packing="padded"),

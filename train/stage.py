@@ -1,5 +1,7 @@
-"""What a stage is: its data, its model, its loss, its FLOPs and its extra metrics. The loop lives in
-train/trainer.py.
+"""What a stage is: its data, its model, its loss, its FLOPs and its extra metrics. The trainer (train/trainer.py)
+calls a stage; a stage never calls the trainer. It receives a StageContext once (config, device, tokenizer, its
+trained model and the backend that makes any other model it needs), then per step the step's micro-batches and
+the Updater, the only way weights change; it returns what it computed as a StepReport for the metrics.
 
 The language-model stage here serves pretrain, midtrain and SFT, which differ only by configuration;
 PairedStage is what DPO and the reward model share.
@@ -9,27 +11,53 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from data.loader import BatchLoader
+from data.loader import IGNORE_INDEX, BatchLoader
+from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer, forward_flops, load_pretrained, save_state_dict
+from train.backend import Backend, TrainedModel, Update
 from train.config import ConfigError, TrainConfig
 from train.metrics import BatchStats
-
-if TYPE_CHECKING:
-    from train.trainer import Trainer
-
-IGNORE_INDEX = -100
+from train.updater import LossOutput, Updater, host_to_device
 
 
 @dataclass
-class LossOutput:
-    loss_sum: torch.Tensor  # summed over the micro-batch's loss units (tokens, pairs, ...)
-    aux_loss: Optional[torch.Tensor] = None  # already weighted; added to the objective as is
+class StageContext:
+    """What a stage works with, made by the trainer once the trained model exists."""
+    cfg: TrainConfig
+    device: torch.device
+    tokenizer: Tokenizer
+    model: TrainedModel  # the model the stage trains (the policy of RL stages)
+    backend: Backend  # makes the stage's other models: frozen references, reward models, a critic
+    total_steps: int  # global steps of the run (sizes another trained model's schedule)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.module.config
+
+
+@dataclass
+class MicroBatchReport:
+    """What a stage computed on one micro-batch (or one rollout), as the metrics count it."""
+    loss_sum: torch.Tensor  # device, over the loss units
+    loss_units: float  # tokens, pairs, ... the loss sum is over
+    stats: Optional[BatchStats]  # None when metrics are off
+    aux_loss: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)  # metric name -> (device sum, host count)
+
+
+@dataclass
+class StepReport:
+    micro_batches: list[MicroBatchReport]
+    update: Update  # the trained model's last update of the step
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -69,6 +97,7 @@ class Stage:
     default_packing: str = "padded"
     config_class: type[TrainConfig] = TrainConfig  # a subclass adds the stage's own flags
     loss_unit: str = "token"  # what train/loss and eval/loss average over; perplexity only means something per token
+    ctx: StageContext
 
     def make_loader(self, store, cfg: TrainConfig, seq_len: int, rank: int, world_size: int, mode: str,
                     weights=None, drop_last: bool = True):
@@ -80,28 +109,46 @@ class Stage:
         """Optimizer steps one global step takes at most (sizes the learning-rate schedule)."""
         return 1
 
-    def extra_engines(self) -> dict:
-        """Trained engines besides the trainer's (name -> engine), saved and resumed with its checkpoints."""
-        return {}
-
-    def train_step(self, trainer: "Trainer", micro_batches: list[dict]) -> None:
-        """One global step over the step's micro-batches: by default one optimizer step of `loss`."""
-        trainer.optimizer_step(micro_batches)
-
-    def evaluate(self, trainer: "Trainer") -> dict:
-        """eval/* metrics over the validation split: by default the stage's loss."""
-        return trainer.evaluate_loss()
-
     def build_model(self, cfg: TrainConfig, source: Optional[Path]) -> torch.nn.Module:
         """The model to train (exposing `.config`), from --from_weight's export or fresh."""
         return build_language_model(cfg, source)
 
-    def setup(self, trainer: "Trainer") -> None:
-        """Called once the engine exists and before a resume loads a checkpoint (extra models are made here)."""
+    def setup(self, ctx: StageContext) -> None:
+        """Called once the trained model exists and before a resume loads a checkpoint (extra models are made
+        here, from the initial weights)."""
+        self.ctx = ctx
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        """Trained models besides ctx.model (name -> model), saved and resumed with its checkpoints."""
+        return {}
 
     def prepare_batch(self, batch: dict) -> dict:
         """The CPU micro-batch as the stage reads it, before it is counted and moved to the device."""
         return batch
+
+    def train_step(self, micro_batches: list[dict], updater: Updater) -> StepReport:
+        """One global step over the step's prepared micro-batches: by default one update of `loss`."""
+        units = [self.loss_weight(batch) for batch in micro_batches]
+        normaliser = updater.normaliser(sum(units))
+        outputs, update = updater.update(self.ctx.model, micro_batches, self._device_loss, normaliser)
+        counted = self.ctx.cfg.metrics  # with metrics off, not even the host counts
+        return StepReport([MicroBatchReport(output.loss_sum, weight,
+                                            self.batch_stats(batch, self.ctx.model_config) if counted else None,
+                                            output.aux_loss, output.extras)
+                           for batch, weight, output in zip(micro_batches, units, outputs)], update)
+
+    def _device_loss(self, model: TrainedModel, batch: dict) -> LossOutput:
+        return self.loss(model, to_device(batch, self.ctx.device))
+
+    def begin_evaluation(self, global_step: int) -> None:
+        """Before an evaluation's batches (RL: refresh the generating copy, seed the sampler)."""
+
+    def evaluate_batch(self, batch: dict) -> dict:
+        """One validation batch's sums: name -> (sum, count); eval/<name> is their global ratio. Every rank must
+        return the same names. By default the stage's loss (and its extras) over the loss units."""
+        batch = self.prepare_batch(batch)
+        output = self._device_loss(self.ctx.model, batch)
+        return {"loss": (output.loss_sum, self.loss_weight(batch)), **output.extras}
 
     def export(self, state_dict: dict, model_config: ModelConfig, directory: Path) -> Path:
         """Write the consolidated weights where the next stage's --from_weight finds them."""
@@ -114,7 +161,7 @@ class Stage:
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
         raise NotImplementedError
 
-    def loss(self, engine, batch: dict) -> LossOutput:
+    def loss(self, model: TrainedModel, batch: dict) -> LossOutput:
         raise NotImplementedError
 
 
@@ -142,8 +189,8 @@ class LanguageModelStage(Stage):
             model_flops=3.0 * forward_flops(model_config, lengths),  # backward = 2 × forward
         )
 
-    def loss(self, engine, batch: dict) -> LossOutput:
-        output = engine(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+    def loss(self, model: TrainedModel, batch: dict) -> LossOutput:
+        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
         loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return LossOutput(loss_sum=loss_sum, aux_loss=output.aux_loss)

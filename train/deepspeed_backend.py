@@ -1,0 +1,245 @@
+"""The DeepSpeed backend (`--backend deepspeed`, the default): ZeRO 0-3 as the --deepspeed JSON says.
+
+`ds_configs/*.json` hold only ZeRO/offload choices; batch sizes, clipping and precision are filled from the run's
+flags so they cannot disagree with what the loop does. DeepSpeed's own conventions stay in here: it divides a
+loss by the accumulation steps (switched off) and averages gradients over ranks (the objective is scaled by the
+world size to make that a sum), and only its ZeRO 1-3 and mixed-precision optimizers report the gradient norm.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from train import distributed
+from train.backend import Backend, TrainedModel, Update
+from train.config import ConfigError, TrainConfig
+
+_AUTO = "auto"
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def load_ds_config(path: Path) -> dict:
+    if not path.is_file():
+        choices = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise ConfigError(f"--deepspeed: {path} does not exist" + (f"; choices: {', '.join(choices)}" if choices else ""))
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ConfigError(f"--deepspeed: {path} is not valid JSON: {error}") from None
+
+
+def _fill(config: dict, key: str, value, source: str, option: str) -> None:
+    """Set an "auto" (or absent) value; an explicit one must agree with the run's flags."""
+    current = config.get(key, _AUTO)
+    if current == _AUTO:
+        config[key] = value
+    elif current != value:
+        raise ConfigError(f"{source}: '{key}' is {current} but {option} gives {value}; set it to \"auto\" "
+                          f"or make them agree")
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
+    """The --deepspeed JSON with the run's batch sizes, clipping and precision filled in, checked."""
+    path = cfg.resolve_path(cfg.deepspeed)
+    ds = copy.deepcopy(load_ds_config(path))
+    src = str(path)
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.batch_size, src, "--batch_size")
+    _fill(ds, "gradient_accumulation_steps", cfg.accumulation_steps, src, "--accumulation_steps")
+    global_batch = cfg.batch_size * cfg.accumulation_steps * world_size
+    _fill(ds, "train_batch_size", global_batch, src,
+          f"--batch_size {cfg.batch_size} × --accumulation_steps {cfg.accumulation_steps} × world size {world_size}")
+    # Always explicit: DeepSpeed's own default changed from 0 to 1.0 in v0.19.4.
+    _fill(ds, "gradient_clipping", cfg.grad_clip, src, "--grad_clip")
+    for key, enabled in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        section = ds.setdefault(key, {})
+        _fill(section, "enabled", enabled, src, f"--dtype {dtype}")
+    ds.setdefault("steps_per_print", 10**12)  # our own metric lines replace DeepSpeed's
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if "offload_param" in zero and stage != 3:
+        raise ConfigError(f"{src}: offload_param needs ZeRO stage 3 (this config is stage {stage})")
+    if "offload_optimizer" in zero and stage == 0:
+        raise ConfigError(f"{src}: offload_optimizer needs ZeRO stage 1, 2 or 3")
+    for section in ("offload_param", "offload_optimizer"):
+        if section in zero:
+            check_offload_target(zero[section], src, f"zero_optimization.{section}")
+    if cfg.compile and stage == 3:
+        # Measured: 83 traces in 4 steps of the tiny model, then DeepSpeed's hooks hit the recompile limit.
+        raise ConfigError(f"--compile: not supported under ZeRO-3 ({src}): ZeRO-3 gathers parameters with hooks on "
+                          f"every submodule, inside the compiled block, which break its graph into dozens of "
+                          f"retraced pieces. Use --compile with --deepspeed ds_configs/zero2.json (or zero0, zero1, "
+                          f"zero2_offload) or --backend fsdp, or keep ZeRO-3 with --compile false")
+    return ds
+
+
+def check_offload_target(offload: dict, src: str, key: str) -> None:
+    """An offload target this machine cannot serve fails here, before any work, naming the option; DeepSpeed
+    would fail late (nvme_path) or deep inside an op build (async_io)."""
+    device = offload.get("device", "none")
+    if device not in OFFLOAD_DEVICES:
+        raise ConfigError(f"{src}: {key}.device is {device!r}; valid choices: {', '.join(OFFLOAD_DEVICES)}")
+    if device != "nvme":
+        return
+    path = offload.get("nvme_path")
+    if not path:
+        raise ConfigError(f"{src}: {key}.device is 'nvme' but {key}.nvme_path is not set; give a directory on a "
+                          f"local NVMe drive, or use device cpu or none")
+    if not Path(path).is_dir():
+        raise ConfigError(f"{src}: {key}.nvme_path {path} is not an existing directory")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"{src}: {key}.device 'nvme' needs DeepSpeed's async_io op (libaio), which cannot be built "
+                          f"on this machine; valid choices here: none, cpu")
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    frozen_forward_is_collective = False  # set per ZeRO stage below
+
+    def __init__(self, cfg: TrainConfig, world_size: int, dtype: str):
+        super().__init__(dtype)
+        self.ds_config = build_ds_config(cfg, world_size, dtype)
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.shards_parameters = self.frozen_forward_is_collective = self.zero_stage == 3
+        self.world_size = world_size
+
+    def describe(self) -> str:
+        return f"ZeRO-{self.zero_stage}"
+
+    def run_tag(self) -> str:
+        return f"zero{self.zero_stage}"
+
+    def settings(self) -> dict:
+        return self.ds_config
+
+    def run_config(self) -> dict:
+        return {**super().run_config(), "zero_stage": self.zero_stage}
+
+    def optimizer(self, groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+        if offload not in (None, "none"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    adamw_mode=True)
+        # ZeRO-0 fp32 steps this optimizer itself: the fused kernel lets DeepSpeedModel.step skip a non-finite update
+        # on the device (found_inf), which DeepSpeed's ZeRO 1-3 optimizers do themselves.
+        fused = torch.cuda.is_available() or self.zero_stage == 0
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
+                                 foreach=not fused)
+
+    def trained(self, model, optimizer, scheduler) -> "DeepSpeedModel":
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=copy.deepcopy(self.ds_config))  # one engine per model
+        return DeepSpeedModel(engine, self.world_size, partitioned=self.zero_stage == 3)
+
+    def frozen(self, module: torch.nn.Module):
+        """Under ZeRO-3 an engine without optimizer that partitions the model like the trained one; else the plain
+        module on the device."""
+        module.requires_grad_(False).eval()
+        if not self.frozen_forward_is_collective:
+            return module.to(distributed.device())
+        import deepspeed
+
+        inference = copy.deepcopy(self.ds_config)
+        inference["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=module, config=inference)
+        engine.eval()
+        return engine
+
+
+class DeepSpeedModel(TrainedModel):
+    def __init__(self, engine, world_size: int, partitioned: bool):
+        self.engine, self.module, self.world_size, self.partitioned = engine, engine.module, world_size, partitioned
+        # ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not.
+        self.reports_grad_norm = hasattr(engine.optimizer, "_global_grad_norm")
+        self.grad_norm_source = ("DeepSpeed's get_global_grad_norm()" if self.reports_grad_norm
+                                 else "own float64 norm of the full gradients")
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def backward(self, objective: torch.Tensor) -> None:
+        self.engine.backward(objective * self.world_size, scale_wrt_gas=False)  # it averages over ranks
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step: DeepSpeed reduces at the boundary it counts to
+
+    def step(self) -> Update:
+        engine = self.engine
+        grad_norm = held_back = None
+        if not self.reports_grad_norm:
+            grad_norm = full_gradient_norm(self.module)
+            if grad_norm is not None:
+                # ZeRO-0 fp32 steps a plain torch AdamW, which would apply a NaN update; its fused kernel skips the
+                # update on the device when found_inf is set, as torch's GradScaler does: no host sync.
+                held_back = ~torch.isfinite(grad_norm)
+                engine.optimizer.found_inf = held_back.float()
+        engine.step()
+        if self.reports_grad_norm:
+            # DeepSpeed's ZeRO 1-3 optimizers skip a step whose norm is not finite themselves (they read the norm
+            # on the host), reporting the norm as inf and was_step_applied() as False.
+            reported = engine.get_global_grad_norm()
+            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
+        applied = engine.was_step_applied()
+        return Update(grad_norm, held_back if held_back is not None else not applied, applied)
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        return path is not None, client_state
+
+    def full_state_dict(self) -> Optional[dict]:
+        if not self.partitioned:
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} \
+                if distributed.is_main() else None
+        import deepspeed
+
+        state = {}
+        for name, param in self.module.named_parameters():
+            # One parameter at a time keeps the gathered size bounded by the largest tensor.
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if distributed.is_main():
+                    state[name] = param.detach().cpu().clone()
+        return state if distributed.is_main() else None
+
+    @torch.no_grad()
+    def copy_weights_to(self, target: torch.nn.Module) -> None:
+        import deepspeed
+
+        targets = dict(target.named_parameters())
+        for name, param in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.partitioned):
+                targets[name].data.copy_(param.data)
+
+
+def full_gradient_norm(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The global norm of the full gradients, for the case DeepSpeed does not report it (ZeRO-0: every rank
+    holds the whole all-reduced gradient at the boundary, before the step clips it)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    # Accumulate in float64: an fp32 reduction over the embedding gradient was seen off by 3e-4 relative.
+    per_tensor = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    return torch.linalg.vector_norm(per_tensor)
