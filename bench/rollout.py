@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from bench.compare import REPO_ROOT, free_port
+from bench.compare import free_port
 from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.prompts import PromptLoader
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, generate, load_pretrained, save_pretrained
+from train.config import REPO_ROOT
 
 DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
 

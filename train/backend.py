@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from train.compile import compile_blocks
 from train.config import ConfigError, TrainConfig
-
-Flag = Union[torch.Tensor, bool]  # a device bool where the device decided, a host bool where the host knows
+from train.nonfinite import Flag
 
 
 @dataclass

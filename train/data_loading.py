@@ -7,8 +7,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.distributed as dist
-
 from data.mixture import load_data_config
 from data.prepare import PreparedData, load_prepared, skipped_records, skipped_records_report
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -51,10 +49,7 @@ def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepare
             load_prepared(data_config, tokenizer, require_existing=use_prepared, skip_bad_records=skip_bad_records)
         except Exception as caught:  # re-raised below on every rank
             error = f"{type(caught).__name__}: {caught}"
-    if distributed.world_size() > 1:
-        errors = [None] * distributed.world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
+    error = next((e for e in distributed.gather_objects(error) if e), None)
     if error:
         raise ConfigError(error)
     return load_prepared(data_config, tokenizer, require_existing=True, skip_bad_records=skip_bad_records)

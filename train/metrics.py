@@ -64,7 +64,6 @@ class _Window:
     micro_batches: int = 0
     input_tokens: int = 0
     supervised_tokens: int = 0
-    samples: int = 0
     # The rate window: only steps after warm-up count towards rates.
     rate_tokens: int = 0
     rate_samples: int = 0
@@ -164,7 +163,6 @@ class MetricsTracker:
         w.micro_batches += 1
         w.input_tokens += stats.input_tokens
         w.supervised_tokens += stats.supervised_tokens
-        w.samples += stats.samples
         if self.rate_window_start is not None:
             w.rate_tokens += stats.input_tokens
             w.rate_samples += stats.samples
@@ -203,7 +201,7 @@ class MetricsTracker:
             "loss_weight": (w.loss_weight, "sum"),
             "aux_loss_sum": (w.aux_loss_sum if w.aux_loss_sum is not None else 0.0, "sum"),
             "micro_batches": (w.micro_batches, "sum"), "input_tokens": (w.input_tokens, "sum"),
-            "supervised_tokens": (w.supervised_tokens, "sum"), "samples": (w.samples, "sum"),
+            "supervised_tokens": (w.supervised_tokens, "sum"),
             "rate_tokens": (w.rate_tokens, "sum"), "rate_samples": (w.rate_samples, "sum"),
             "rate_flops": (w.rate_flops, "sum"),
             "grad_norm": (self.last_grad_norm if self.last_grad_norm is not None else float("nan"), "rank0"),
