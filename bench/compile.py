@@ -56,10 +56,10 @@ def main() -> None:
     parser.add_argument("--steps_per_block", type=int, default=5)
     own, stage_args = parser.parse_known_args()
     defaults = dict(stage="pretrain", data_config="config/data/pretrain/demo.yaml", from_weight="none",
-                    eval_interval=0, save_interval=0, metrics=False, out_dir="out/bench_compile")
+                    eval_interval=0, save_interval=0, metrics=False, out_dir="out/bench_compile", start_over=True)
     cfg = parse_config(defaults, stage_args)
-    eager = TimedTrainer(dataclasses.replace(cfg, compile=False))
-    compiled = TimedTrainer(dataclasses.replace(cfg, compile=True))
+    eager = TimedTrainer(dataclasses.replace(cfg, compile=False, out_dir=f"{cfg.out_dir}/eager"))
+    compiled = TimedTrainer(dataclasses.replace(cfg, compile=True, out_dir=f"{cfg.out_dir}/compiled"))
     first_step = compiled.step()
     warm_step = compiled.step()
     eager.step()

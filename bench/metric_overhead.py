@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps_per_block", type=int, default=20)
     own, stage_args = parser.parse_known_args()
     defaults = dict(stage="pretrain", data_config="config/data/pretrain/demo.yaml", from_weight="none",
-                    eval_interval=0, save_interval=0, out_dir="out/bench_metric_overhead")
+                    eval_interval=0, save_interval=0, out_dir="out/bench_metric_overhead", start_over=True)
     cfg = parse_config(defaults, stage_args)
     trainer = Trainer(LanguageModelStage("pretrain", data_kind="pretrain", default_packing="packed"), cfg)
 

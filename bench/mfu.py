@@ -46,7 +46,7 @@ def main() -> None:
     own, stage_args = parser.parse_known_args()
     defaults = dict(stage="pretrain", data_config="config/data/pretrain/demo.yaml", from_weight="none",
                     model="small", batch_size=4, packing="packed", eval_interval=0, save_interval=0,
-                    out_dir="out/bench_mfu")
+                    out_dir="out/bench_mfu", start_over=True)
     cfg = parse_config(defaults, stage_args)
     cfg.max_steps = cfg.throughput_warmup_steps + own.timed_steps
     cfg.log_interval = cfg.max_steps  # one log line whose rate window is every step after the warm-up

@@ -16,10 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from data.formats import KINDS
-from train.config import REPO_ROOT, ConfigError
+from train.config import REPO_ROOT, ConfigError, read_yaml
 
 WEIGHT_TOLERANCE = 1e-6
 
@@ -159,10 +157,7 @@ def load_data_config(path) -> DataConfig:
     config_file = Path(path).resolve()
     if not config_file.is_file():
         raise FileNotFoundError(f"data config not found: {config_file}")
-    try:
-        raw = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_file}: invalid YAML: {error}") from error
+    raw = read_yaml(config_file, str(config_file))
     check = _Checker(config_file)
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: expected a mapping of options, got {type(raw).__name__}")

@@ -24,17 +24,24 @@ validation.fraction sends each record to val with that probability, drawn from (
 file's content hash, the record's position): the same file splits the same way in every
 config with the same seed. validation.path sends a whole file to val instead.
 
-Several processes may prepare the same config at once: each writes a private temp dir and
-the first rename wins. In distributed training, let rank 0 prepare, then have every rank
+Several processes may prepare the same config at once: each writes a private temp dir
+(.tmp-<store>@<host>-<pid>-<random>) and the first rename wins. A killed prepare leaves its temp
+dir behind; the next prepare on that host removes the ones whose process is gone. A full disk is
+an OSError naming the cache dir. In distributed training, let rank 0 prepare, then have every rank
 call load_prepared(..., require_existing=True) after a barrier.
 """
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -54,6 +61,8 @@ SPLITS = ("train", "val")
 DPO_SIDES = ("chosen", "rejected")
 RECORDS_PER_CHUNK = 2048  # records per encode_batch call: big enough to use every core
 BAD_RECORDS_KEPT = 5  # error messages kept per file in meta.json; all are counted
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL = 1 << 20  # bytes left under which a write error without errno is taken for a full disk
 
 
 @dataclass
@@ -208,28 +217,31 @@ def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ing
     train_paths = [str(source.path) for source in config.sources]
     val_paths = [str(config.validation.path)] if config.validation.path else train_paths
     sides = DPO_SIDES if config.kind == "dpo" else ("",)
-    writers = {
-        split: [StoreWriter(directory / split / side, tokenizer.vocab_size, paths) for side in sides]
-        for split, paths in (("train", train_paths), ("val", val_paths))
-    }
-    key = cache_key(ingredients)
-    sources = []
-    for index, source in enumerate(config.sources):
-        split_of = _random_splits(config.seed, ingredients["files"][index]["sha256"], config.validation.fraction)
-        sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of, skip_bad_records))
-    if config.validation.path:
-        validation = SourceConfig(path=config.validation.path, weight=1.0)
-        sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n,
-                                        skip_bad_records))
+    # On a failure every writer's files are closed at once: a full disk gets its space back with the temp dir.
+    with contextlib.ExitStack() as open_writers:
+        writers = {
+            split: [open_writers.enter_context(StoreWriter(directory / split / side, tokenizer.vocab_size, paths))
+                    for side in sides]
+            for split, paths in (("train", train_paths), ("val", val_paths))
+        }
+        key = cache_key(ingredients)
+        sources = []
+        for index, source in enumerate(config.sources):
+            split_of = _random_splits(config.seed, ingredients["files"][index]["sha256"], config.validation.fraction)
+            sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of, skip_bad_records))
+        if config.validation.path:
+            validation = SourceConfig(path=config.validation.path, weight=1.0)
+            sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n,
+                                            skip_bad_records))
 
-    splits = {}
-    for split, split_writers in writers.items():
-        # pad_id travels with the store: the loader pads with it and needs no tokenizer.
-        metas = [writer.finish({"key": key, "kind": config.kind, "split": split, "side": side or None,
-                                "pad_id": pad_id},
-                               with_answers=config.kind == "rl")
-                 for writer, side in zip(split_writers, sides)]
-        splits[split] = dict(zip(sides, metas)) if config.kind == "dpo" else metas[0]
+        splits = {}
+        for split, split_writers in writers.items():
+            # pad_id travels with the store: the loader pads with it and needs no tokenizer.
+            metas = [writer.finish({"key": key, "kind": config.kind, "split": split, "side": side or None,
+                                    "pad_id": pad_id},
+                                   with_answers=config.kind == "rl")
+                     for writer, side in zip(split_writers, sides)]
+            splits[split] = dict(zip(sides, metas)) if config.kind == "dpo" else metas[0]
     meta = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -264,15 +276,61 @@ def _open(directory, config, reused):
     return PreparedData(root=directory, config=config, meta=meta, reused=reused)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def remove_dead_temporaries(cache_dir: Path) -> None:
+    """Removes the temp dirs that killed prepares of this host left in cache_dir, and names them on one line. Only
+    this host's: on a filesystem shared by several nodes, another node's pids say nothing about its processes."""
+    of_this_host = re.compile(rf"\.tmp-.+@{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    for temporary in sorted(cache_dir.glob(".tmp-*")):
+        match = of_this_host.fullmatch(temporary.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(temporary, ignore_errors=True)
+            removed.append(temporary)
+    if removed:
+        print(f"removed {len(removed)} temporary store(s) left by killed data preparations: "
+              f"{', '.join(map(str, removed))}", file=sys.stderr, flush=True)
+
+
+def _tree_size(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def _is_disk_full(error: BaseException, cache_dir: Path) -> bool:
+    """ENOSPC/EDQUOT, or numpy's short-write error (np.save: "N requested and M written", no errno) on a disk with
+    less than NEARLY_FULL bytes left."""
+    return isinstance(error, OSError) and (error.errno in DISK_FULL or (
+        error.errno is None and shutil.disk_usage(cache_dir).free < NEARLY_FULL))
+
+
+def _disk_full_error(error: OSError, cache_dir: Path, written: int) -> OSError:
+    return OSError(error.errno or errno.ENOSPC, (
+        f"disk full while writing the prepared data into {cache_dir}: the store had reached {written:,} bytes when "
+        f"writing failed ({error}), and {shutil.disk_usage(cache_dir).free:,} bytes are free there; the partial "
+        f"store was removed, nothing is left behind. Free space in {cache_dir} and run again"))
+
+
 def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool = False) -> PreparedData:
     """Tokenize the mixture into the cache, or reuse the store when its key matches."""
     config = _as_config(config)
     directory, ingredients = _store_dir(config, tokenizer, cache_dir, skip_bad_records)
+    if directory.parent.is_dir():
+        remove_dead_temporaries(directory.parent)
     if (directory / META).is_file():
         return _open(directory, config, reused=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # A private temp dir renamed into place: a killed prepare leaves only a .tmp-* directory.
-    temporary = directory.parent / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # A private temp dir renamed into place: a killed prepare leaves only a .tmp-* directory (removed above next time).
+    temporary = directory.parent / (f".tmp-{directory.name}@{socket.gethostname()}-{os.getpid()}-"
+                                    f"{uuid.uuid4().hex[:8]}")
     try:
         _write_stores(temporary, config, tokenizer, ingredients, skip_bad_records)
         try:
@@ -282,8 +340,12 @@ def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool
                 raise
             shutil.rmtree(temporary)  # another process finished the same store first
             return _open(directory, config, reused=True)
-    except BaseException:
+    except BaseException as error:
+        disk_full = _is_disk_full(error, directory.parent)
+        written = _tree_size(temporary) if disk_full else 0
         shutil.rmtree(temporary, ignore_errors=True)
+        if disk_full:
+            raise _disk_full_error(error, directory.parent, written) from error
         raise
     return _open(directory, config, reused=False)
 
@@ -323,7 +385,7 @@ def skipped_records_report(prepared: PreparedData) -> list[str]:
             for source in prepared.meta["sources"] if source.get("skipped_records")]
 
 
-def _describe(counts):
+def describe_counts(counts: dict) -> str:
     return (f"docs {counts['docs']:,}  tokens {counts['tokens']:,}  supervised {counts['supervised_tokens']:,}  "
             f"truncated {counts['truncated_docs']:,}")
 
@@ -343,7 +405,7 @@ def main():
         print(f"  {line}")
     for split, counts in prepared.meta["splits"].items():
         for side, side_counts in (counts.items() if prepared.kind == "dpo" else [("", counts)]):
-            print(f"  {split:5s} {side:8s} {_describe(side_counts)}")
+            print(f"  {split:5s} {side:8s} {describe_counts(side_counts)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     answers.json   rl only: the reference answer of each prompt (or null)
 """
 
+import contextlib
 import json
 from array import array
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ def _new_counts():
 
 
 class StoreWriter:
-    """Appends documents to a new store directory; finish() writes the index and meta.json."""
+    """Appends documents to a new store directory; finish() writes the index and meta.json. As a context manager
+    it closes its files on the way out, also when finish() was never reached."""
 
     def __init__(self, directory: Path, vocab_size: int, source_paths: list[str]):
         self.directory = directory
@@ -57,6 +59,15 @@ class StoreWriter:
         # Targets a model sees when the document is read whole: every token but the first can be one.
         counts["supervised_tokens"] += int(loss_mask[1:].sum())
         counts["truncated_docs"] += int(truncated)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        # Closed without raising: after a failed write (a full disk) the rest still buffered is dropped.
+        for file in (self.tokens_file, self.mask_file):
+            with contextlib.suppress(OSError):
+                file.close()
 
     def finish(self, meta: dict, with_answers: bool = False) -> dict:
         self.tokens_file.close()

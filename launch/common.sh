@@ -11,6 +11,11 @@ if [ -x "$REPO_ROOT/.venv/bin/deepspeed" ]; then PATH="$REPO_ROOT/.venv/bin:$PAT
 
 launch_stage() {
   local stage="$1"; shift
+  if [ -n "${NUM_GPUS:-}" ] && ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "NUM_GPUS=${NUM_GPUS}: must be a whole number >= 1 (ranks on this node), or unset for every GPU" \
+      "(2 CPU processes when there is no GPU)" >&2
+    exit 2
+  fi
   local gpus
   gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ "$gpus" -eq 0 ]; then

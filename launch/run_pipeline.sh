@@ -21,6 +21,7 @@ for stage in "${stages[@]}"; do
                        --eval_interval 20 --eval_batches 0) ;;
     *) stage_flags=() ;;
   esac
-  bash "launch/run_${stage}.sh" --out_root "$OUT_ROOT" "${stage_flags[@]}" "$@"
+  # --start_over: running the pipeline again moves each stage's earlier run aside (out/<stage>.<date-time>).
+  bash "launch/run_${stage}.sh" --out_root "$OUT_ROOT" --start_over "${stage_flags[@]}" "$@"
 done
 PATH="$PWD/.venv/bin:$PATH" python -m train.summary "$OUT_ROOT" "${stages[@]}"

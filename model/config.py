@@ -1,6 +1,7 @@
 """Model hyperparameters: one dataclass, validated on construction, with named presets."""
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 
@@ -79,12 +80,20 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
-        return cls(**values)
+    def from_dict(cls, values: dict, source: str = "ModelConfig") -> "ModelConfig":
+        """The config of these fields; errors start with source (the file they were read from)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected an object of ModelConfig fields, got {type(values).__name__}")
+        known = [field.name for field in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{source}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
 
 _MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,

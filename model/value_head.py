@@ -88,5 +88,5 @@ def load_reward_model(directory: str | Path, map_location: str | torch.device = 
     if HEAD_WEIGHT not in state_dict:
         raise ValueError(f"{directory} is not a reward model: its weights have no {HEAD_WEIGHT} (a language model "
                          f"export?); train one with the reward stage (bash launch/run_reward.sh)")
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    config = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
     return load_strict(RewardModel, config, state_dict, weights_path, map_location)

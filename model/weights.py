@@ -46,10 +46,10 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:
-        saved_config = json.loads(config_path.read_text())
+        saved_config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"corrupt model config {config_path}: {error}") from error
-    config = ModelConfig.from_dict({**saved_config, **config_overrides})
+    config = ModelConfig.from_dict({**saved_config, **config_overrides}, str(config_path))
     try:
         state_dict = load_file(weights_path, device=str(map_location))
     except SafetensorError as error:

@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from train.config import REPO_ROOT
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -96,3 +99,19 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def read_run_config(out_dir: Path) -> dict:
     return json.loads((out_dir / "run_config.json").read_text())
+
+
+@contextmanager
+def tmpfs(mount_point: Path, options: str):
+    """A real tmpfs of its own at mount_point (mount options such as "size=1m" or "ro,size=1m"); the test is skipped
+    where mounting is not permitted (it needs root, which CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: also after a test left a file open

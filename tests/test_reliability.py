@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from model import ModelConfig
-from tests.launch import REPO_ROOT, read_metrics, read_run_config, run_stage, stage_command, start
+from tests.launch import REPO_ROOT, read_metrics, read_run_config, run_stage, stage_command, start, tmpfs
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data_loading import build_data
@@ -149,14 +148,8 @@ def small_checkpoint_disk(tmp_path):
     out_dir = tmp_path / "run"
     mount_point = out_dir / "checkpoints"
     mount_point.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount -t tmpfs is not permitted here: {mounted.stderr.strip()}")
-    yield out_dir
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with tmpfs(mount_point, "size=20m"):
+        yield out_dir
 
 
 def test_a_full_disk_names_itself_and_keeps_the_previous_checkpoint(small_checkpoint_disk):

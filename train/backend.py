@@ -35,6 +35,7 @@ class TrainedModel:
     """A model being trained on this rank: `module` is the whole model's structure (its parameters may be shards)."""
     module: torch.nn.Module
     grad_norm_source: str  # where Update.grad_norm comes from, for run_config.json
+    peak_learning_rate: float  # this run's --learning_rate: a resumed schedule takes it over the checkpoint's
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -109,7 +110,9 @@ class Backend:
         optimizer = self.optimizer(parameter_groups(model, cfg.weight_decay), cfg)
         warmup = int(cfg.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
-        return self.trained(model, optimizer, scheduler)
+        trained = self.trained(model, optimizer, scheduler)
+        trained.peak_learning_rate = cfg.learning_rate
+        return trained
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -173,6 +176,15 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return multiplier
+
+
+def restore_peak_learning_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, peak: float) -> None:
+    """After a resume loaded the schedule: keep its position, but with this run's peak rate (a changed
+    --learning_rate is one of the options a resume may change); unchanged, the rates are the saved ones exactly."""
+    scheduler.base_lrs = [peak for _ in scheduler.base_lrs]
+    for group, multiplier in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = peak * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def unwrap(model) -> torch.nn.Module:

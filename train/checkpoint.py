@@ -26,9 +26,11 @@ import torch
 
 from train import distributed
 from train.backend import TrainedModel
+from train.config import ConfigError
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
 
 
 def tag_for(global_step: int) -> str:
@@ -107,20 +109,39 @@ def verify(directory: Path) -> list[str]:
     return sorted(_flatten(distributed.gather_objects(problems)))
 
 
+def step_of(tag: str) -> int:
+    return int(tag.split("_", 1)[1])
+
+
+def _tags(checkpoint_dir: Path) -> list[str]:
+    """The checkpoint folders, oldest step first."""
+    return sorted((p.name for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=step_of)
+
+
 def save(model: TrainedModel, checkpoint_dir: Path, global_step: int, client_state: dict, keep: int,
-         extra_models: Optional[dict[str, TrainedModel]] = None) -> Path:
-    """Collective: every rank calls it. `extra_models` (name -> model, e.g. PPO's critic) go in subfolders."""
+         extra_models: Optional[dict[str, TrainedModel]] = None, run: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. `extra_models` (name -> model, e.g. PPO's critic) go in subfolders; `run`
+    (what makes the run itself, train/trainer.py) is written to run.json for a resume to compare."""
     tag = tag_for(global_step)
+    if distributed.is_main() and (checkpoint_dir / tag).exists():
+        # Not `latest` (that is older than this step): an earlier attempt's save of this step that did not finish,
+        # or one past a corrupt checkpoint a resume fell back from. Its files must not enter this save's manifest.
+        print(f"removing {checkpoint_dir / tag}, an earlier attempt's save of step {global_step} that 'latest' "
+              f"({latest_tag(checkpoint_dir)}) does not name", flush=True)
+        shutil.rmtree(checkpoint_dir / tag)
+    distributed.barrier()
     model.save(checkpoint_dir, tag, client_state)
     for name, extra in (extra_models or {}).items():
         extra.save(checkpoint_dir / tag, name, {})  # DeepSpeed requires a dict
     torch.save(rng_state(), checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt")
+    if distributed.is_main() and run is not None:
+        _write_atomic(checkpoint_dir / tag / RUN_FILE, json.dumps(run, indent=1, default=str))
     distributed.barrier()
     _write_manifest(checkpoint_dir / tag)
     if distributed.is_main():
         _write_atomic(checkpoint_dir / LATEST, tag)
-        tags = sorted(p.name for p in checkpoint_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
+        kept = [t for t in _tags(checkpoint_dir) if step_of(t) <= global_step]
+        for old in kept[:-keep]:
             shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     distributed.barrier()
     return checkpoint_dir / tag
@@ -131,26 +152,36 @@ def latest_tag(checkpoint_dir: Path) -> Optional[str]:
     return path.read_text().strip() if path.is_file() else None
 
 
-def load(model: TrainedModel, checkpoint_dir: Path, extra_models: Optional[dict[str, TrainedModel]] = None
-         ) -> tuple[str, dict]:
-    """Collective. Returns (tag, client_state) of the latest checkpoint; restores this rank's RNG."""
+def usable_tag(checkpoint_dir: Path) -> str:
+    """Collective: the latest checkpoint that verifies, else the newest older one that does (each skipped one is
+    reported)."""
     latest = latest_tag(checkpoint_dir)
     if latest is None:
-        raise FileNotFoundError(f"--from_resume: no checkpoint to resume in {checkpoint_dir} (no '{LATEST}' file); "
+        raise ConfigError(f"--from_resume: no checkpoint to resume in {checkpoint_dir} (no '{LATEST}' file); "
                                 f"run without --from_resume to start fresh")
-    older = sorted((p.name for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name < latest), reverse=True)
+    older = [tag for tag in reversed(_tags(checkpoint_dir)) if step_of(tag) < step_of(latest)]
     candidates = [latest, *older]
     for index, tag in enumerate(candidates):
         problems = verify(checkpoint_dir / tag)
         if not problems:
-            break
+            return tag
         if distributed.is_main():
             print(f"WARNING: checkpoint {checkpoint_dir / tag} is not usable: {'; '.join(problems[:5])}"
                   + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                   + ("; trying the one before it" if index + 1 < len(candidates) else ""), flush=True)
-    else:
-        raise RuntimeError(f"--from_resume: no usable checkpoint in {checkpoint_dir} (see the warnings above); "
-                           f"run without --from_resume to start fresh")
+    raise ConfigError(f"--from_resume: no usable checkpoint in {checkpoint_dir} (see the warnings above); "
+                       f"run without --from_resume to start fresh")
+
+
+def read_run(folder: Path) -> Optional[dict]:
+    """What the run that saved `folder` recorded of itself (None: a checkpoint from before run.json existed)."""
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load(model: TrainedModel, checkpoint_dir: Path, tag: str, extra_models: Optional[dict[str, TrainedModel]] = None
+         ) -> dict:
+    """Collective: restore the models and this rank's RNG from checkpoint_dir/tag; returns the client state."""
     loaded, client_state = model.load(checkpoint_dir, tag)
     if not loaded:
         raise RuntimeError(f"--from_resume: DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
@@ -160,7 +191,7 @@ def load(model: TrainedModel, checkpoint_dir: Path, extra_models: Optional[dict[
     rng_file = checkpoint_dir / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return tag, client_state
+    return client_state
 
 
 def folder_bytes(folder: Path) -> int:

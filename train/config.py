@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,6 +27,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    # The options the user set (YAML or flags), not defaults: parse_config fills it.
+    explicit_options: ClassVar[frozenset] = frozenset()
     # What to train
     stage: str = field(default="pretrain", metadata={"help": "stage name; set by the stage script"})
     model: str = field(default="tiny", metadata={"help": "model preset (tiny, small, base, moe, tiny-moe) or a directory with config.json"})
@@ -32,6 +36,8 @@ class TrainConfig:
     tokenizer: str = field(default="model/tokenizer", metadata={"help": "tokenizer directory (tokenizer.json + tokenizer_config.json)"})
     from_weight: str = field(default="none", metadata={"help": "none | a stage name (its exported weights under out_root) | a directory"})
     from_resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in out_dir"})
+    start_over: bool = field(default=False, metadata={"help": "move an earlier run found in out_dir aside (to <out_dir>.<date-time>) and start fresh; without it, a fresh run into a used out_dir is refused"})
+    allow_tokenizer_change: bool = field(default=False, metadata={"help": "let --from_weight start from weights trained with another tokenizer (refused by default)"})
     use_prepared: bool = field(default=False, metadata={"help": "require the prepared token store to exist and be fresh"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip and count malformed records (per file, in run_config.json, data/skipped_records and summary.json) instead of stopping at the first"})
     max_seq_len: Optional[int] = field(default=None, metadata={"help": "override the data config's max_seq_len"})
@@ -84,6 +90,11 @@ class TrainConfig:
                 raise ConfigError(f"--{option}: {message}")
 
         require(bool(self.data_config), "data_config", "is required (a data mixture YAML under config/data/)")
+        types = _field_types(type(self))
+        for f in fields(self):  # first: NaN passes every range check below
+            value = getattr(self, f.name)
+            if types[f.name][0] is float and value is not None:
+                require(math.isfinite(value), f.name, f"must be a finite number, got {value}")
         require(self.packing in ("auto", "packed", "padded"), "packing", f"{self.packing!r} is not one of auto, packed, padded")
         require(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", f"{self.dtype!r} is not one of auto, fp32, bf16, fp16")
         require(self.backend in ("deepspeed", "fsdp"), "backend", f"{self.backend!r} is not one of deepspeed, fsdp")
@@ -98,6 +109,20 @@ class TrainConfig:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
+        for name in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        require(self.max_seq_len is None or self.max_seq_len >= 2, "max_seq_len",
+                f"must be >= 2 (or none: the data config's value), got {self.max_seq_len}")
+        self._check_out_dir()
+
+    def _check_out_dir(self) -> None:
+        out_dir = self.resolve_path(self.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out_dir: {out_dir} exists and is not a directory")
+        existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out_dir: {out_dir} cannot be created: {existing} is not a writable directory")
 
     def resolve_path(self, path: str) -> Path:
         """Relative paths are taken from the repository root, so runs work from any directory."""
@@ -156,13 +181,44 @@ def unknown_key_message(key: str, valid: list[str], where: str) -> str:
     return f"{where}: unknown option '{key}'{hint}. Valid options: {', '.join(sorted(valid))}"
 
 
+class StrictYAMLLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a duplicated key in a mapping: PyYAML silently keeps the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first_lines:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key!r} on line {first_lines[key]} and on line {line}")
+                first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, where: str) -> Any:
+    """The YAML document in path, read as UTF-8 with StrictYAMLLoader; errors start with where (naming the file)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{where} is not UTF-8 text: byte {data[error.start]:#04x} at position {error.start} "
+                          f"(line {line}) {error.reason}") from None
+    loader = StrictYAMLLoader(text)
+    loader.name = str(path)  # marks in errors name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml_overrides(path: Path, cls=TrainConfig) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config: stage config {path} does not exist")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
+    content = read_yaml(path, f"--config: {path}") or {}
     if not isinstance(content, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option: value")
     valid = [f.name for f in fields(cls)]
@@ -175,6 +231,12 @@ def load_yaml_overrides(path: Path, cls=TrainConfig) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" (an exponent) or "-inf" for an option and fails with "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message):  # name the close valid option, not only argparse's usage dump
         if "unrecognized arguments" in message:
             valid = [a.option_strings[0] for a in self._actions if a.option_strings]
@@ -204,14 +266,13 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
 def parse_config(stage_defaults: dict, argv: Optional[list[str]] = None, cls=TrainConfig, description: str = ""):
     """Build the config of a stage script from its defaults, an optional YAML and the command line."""
     args = vars(build_parser(cls, description).parse_args(argv))
-    values = dict(stage_defaults)
     yaml_path = args.pop("config", None)
-    if yaml_path:
-        values.update(load_yaml_overrides(Path(yaml_path), cls))
-    values.update(args)
+    overrides = {**(load_yaml_overrides(Path(yaml_path), cls) if yaml_path else {}), **args}
+    values = {**stage_defaults, **overrides}
     if "out_dir" not in values:
         values["out_dir"] = ""
     config = cls(**values)
+    config.explicit_options = frozenset(overrides)
     if config.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.local_rank = int(os.environ["LOCAL_RANK"])
     config.validate()

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.mixture import load_data_config
-from data.prepare import PreparedData, load_prepared, skipped_records, skipped_records_report
+from data.prepare import (SPLITS, PreparedData, describe_counts, load_prepared, skipped_records,
+                          skipped_records_report)
 from data.tokenizer import Tokenizer, load_tokenizer
 from model import ModelConfig
 from train import distributed
@@ -55,12 +56,43 @@ def _prepare_on_one_rank_per_node(data_config, tokenizer: Tokenizer, use_prepare
     return load_prepared(data_config, tokenizer, require_existing=True, skip_bad_records=skip_bad_records)
 
 
-def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, world_size: int) -> StageData:
-    tokenizer_dir = cfg.resolve_path(cfg.tokenizer)
+def _refuse_unsupervised(prepared: PreparedData, stage_name: str) -> None:
+    """SFT and DPO data (the reward model reads DPO data too) supervise only the assistant turns: a train split without
+    a supervised token would run to the end with a null loss. Pretrain data is supervised throughout; RL data has no
+    targets by design (the policy generates them)."""
+    if prepared.kind not in ("sft", "dpo"):
+        return
+    for split in SPLITS:
+        counts = prepared.meta["splits"][split]
+        sides = counts if prepared.kind == "dpo" else {"": counts}
+        supervised = sum(side["supervised_tokens"] for side in sides.values())
+        docs = next(iter(sides.values()))["docs"]
+        # An empty val split is no validation. One with documents but no target is refused rather than warned about:
+        # every eval/loss of the run would be 0/0, and the fix is one line of the data config.
+        if supervised or (split == "val" and not docs):
+            continue
+        described = "; ".join(f"{side + ': ' if side else ''}{describe_counts(side_counts)}"
+                              for side, side_counts in sides.items())
+        answers = "conversation" if prepared.kind == "sft" else "chosen and rejected answer"
+        remedy = (f"give each {answers} an assistant turn within max_seq_len {prepared.config.max_seq_len}"
+                  + (", or leave validation out (validation.fraction 0, no validation.path)" if split == "val" else ""))
+        raise ConfigError(f"--data_config {prepared.config.config_file}: the {split} split has no supervised token "
+                          f"({described}), nothing for {stage_name} to {'learn' if split == 'train' else 'measure'} "
+                          f"(only assistant turns are supervised); {remedy}")
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
     try:
-        tokenizer = load_tokenizer(tokenizer_dir)
+        return load_tokenizer(cfg.resolve_path(cfg.tokenizer))
     except (OSError, ValueError) as error:
         raise ConfigError(f"--tokenizer: {error}") from None
+
+
+def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, world_size: int,
+               tokenizer: Optional[Tokenizer] = None) -> StageData:
+    """`tokenizer`: --tokenizer's, when the caller has loaded it already."""
+    tokenizer = tokenizer or load_run_tokenizer(cfg)
+    tokenizer_dir = cfg.resolve_path(cfg.tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(f"--tokenizer {tokenizer_dir}: its vocabulary ({tokenizer.vocab_size}) does not fit the "
                           f"model's vocab_size ({model_config.vocab_size}); use a model with vocab_size >= "
@@ -79,6 +111,7 @@ def build_data(cfg: TrainConfig, stage, model_config: ModelConfig, rank: int, wo
     if distributed.is_main():
         for line in skipped_records_report(prepared):
             print(f"WARNING: {line}", file=sys.stderr, flush=True)
+    _refuse_unsupervised(prepared, stage.name)
     mode = stage.default_packing if cfg.packing == "auto" else cfg.packing
     train = stage.make_loader(prepared.split("train"), cfg, seq_len, rank, world_size, mode, weights=prepared.weights)
     val_store = prepared.split("val")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from train import distributed
-from train.backend import Backend, TrainedModel, Update
+from train.backend import Backend, TrainedModel, Update, restore_peak_learning_rate
 from train.config import ConfigError, TrainConfig
 
 _AUTO = "auto"
@@ -27,9 +28,43 @@ def load_ds_config(path: Path) -> dict:
         choices = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
         raise ConfigError(f"--deepspeed: {path} does not exist" + (f"; choices: {', '.join(choices)}" if choices else ""))
     try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise ConfigError(f"--deepspeed: {path} is not valid JSON: {error}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError too: it gives the byte position
+        raise ConfigError(f"--deepspeed: {path} is not valid UTF-8 JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--deepspeed: {path} must hold a JSON object at the top level, got {type(config).__name__}")
+    check_ds_types(config, str(path))
+    return config
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def check_ds_types(ds: dict, src: str) -> None:
+    """The keys this backend reads, typed: DeepSpeed would take `"stage": "2"` or `"bf16": true` late or wrongly."""
+    def check(section: dict, key: str, ok, expected: str, prefix: str = "") -> None:
+        if key in section and not ok(section[key]):
+            raise ConfigError(f"{src}: '{prefix}{key}' must be {expected}, got {json.dumps(section[key])}")
+
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        check(ds, key, lambda v: v == _AUTO or _integer(v) and v >= 1, 'an integer >= 1 or "auto"')
+    check(ds, "gradient_clipping", lambda v: v == _AUTO or _number(v) and v >= 0, 'a number >= 0 or "auto"')
+    check(ds, "steps_per_print", lambda v: _integer(v) and v >= 1, "an integer >= 1")
+    for key in ("bf16", "fp16", "zero_optimization"):
+        check(ds, key, lambda v: isinstance(v, dict), "an object")
+    for key in ("bf16", "fp16"):
+        check(ds.get(key, {}), "enabled", lambda v: v == _AUTO or isinstance(v, bool), 'true, false or "auto"',
+              f"{key}.")
+    zero = ds.get("zero_optimization", {})
+    check(zero, "stage", lambda v: _integer(v) and v in (0, 1, 2, 3), "one of the numbers 0, 1, 2, 3",
+          "zero_optimization.")
+    for key in ("offload_param", "offload_optimizer"):
+        check(zero, key, lambda v: isinstance(v, dict), "an object", "zero_optimization.")
 
 
 def _fill(config: dict, key: str, value, source: str, option: str) -> None:
@@ -60,8 +95,6 @@ def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
     ds.setdefault("steps_per_print", 10**12)  # our own metric lines replace DeepSpeed's
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     if "offload_param" in zero and stage != 3:
         raise ConfigError(f"{src}: offload_param needs ZeRO stage 3 (this config is stage {stage})")
     if "offload_optimizer" in zero and stage == 0:
@@ -208,6 +241,7 @@ class DeepSpeedModel(TrainedModel):
     def load(self, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
         path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
+        restore_peak_learning_rate(self.engine.lr_scheduler, self.peak_learning_rate)
         return path is not None, client_state
 
     def full_state_dict(self) -> Optional[dict]:

@@ -1,16 +1,22 @@
 """Where each stage's exported weights live, and what --from_weight / --reward_model name.
 
 A stage exports its consolidated weights to <out_root>/<stage>/export; the next stage's --from_weight names the
-stage (or any export directory).
+stage (or any export directory). Beside the weights, zerostage.json records where they came from, the tokenizer
+above all: weights trained with one tokenizer read another's ids as other words, so starting from them with
+another tokenizer is refused unless asked for.
 """
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Optional
 
+from train import distributed
 from train.config import ConfigError, TrainConfig
 
 EXPORT_DIR = "export"
+PROVENANCE = "zerostage.json"
 STAGE_ORDER = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
 
 
@@ -33,3 +39,27 @@ def resolve_weights(cfg: TrainConfig, option: str, value: str) -> Path:
                           f"({', '.join(STAGE_ORDER)}) or a directory written by a stage's export"
                           + ("" if option != "from_weight" else ", or none"))
     return path
+
+
+def write_provenance(directory: Path, stage: str, global_step: int, tokenizer) -> None:
+    (directory / PROVENANCE).write_text(json.dumps({
+        "stage": stage, "global_step": global_step,
+        "tokenizer": {"path": tokenizer.name_or_path, "sha256": tokenizer.fingerprint}}, indent=2) + "\n")
+
+
+def check_tokenizer(cfg: TrainConfig, option: str, source: Path, tokenizer) -> None:
+    """Refuse weights at `source` (named by --option) that were trained with another tokenizer than this run's."""
+    path = source / PROVENANCE
+    if not path.is_file():
+        if distributed.is_main():
+            print(f"WARNING: --{option} {source} does not record the tokenizer it was trained with (no {PROVENANCE}): "
+                  f"not checked against --tokenizer {tokenizer.name_or_path}", file=sys.stderr, flush=True)
+        return
+    trained_with = json.loads(path.read_text())["tokenizer"]
+    if trained_with["sha256"] == tokenizer.fingerprint or cfg.allow_tokenizer_change:
+        return
+    raise ConfigError(f"--{option} {source} was trained with the tokenizer {trained_with['path']} (tokenizer.json "
+                      f"sha256 {trained_with['sha256'][:12]}…), and this run's --tokenizer {tokenizer.name_or_path} is "
+                      f"another (sha256 {tokenizer.fingerprint[:12]}…): the weights would read its ids as other "
+                      f"words. Use --tokenizer {trained_with['path']}, or --allow_tokenizer_change true to start "
+                      f"from these weights anyway (e.g. a tokenizer extended with new tokens)")

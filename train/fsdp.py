@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from model.model import Block
 from train import distributed
-from train.backend import Backend, TrainedModel, Update
+from train.backend import Backend, TrainedModel, Update, restore_peak_learning_rate
 from train.config import ConfigError, TrainConfig
 
 ENGINE_STATE = "engine_state.pt"  # scheduler, step counters and the trainer's client state (rank 0)
@@ -128,6 +128,7 @@ class FSDPModel(TrainedModel):
                        optim_state_dict=state["optimizer"])
         engine_state = torch.load(directory / tag / ENGINE_STATE, weights_only=False)
         self.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
+        restore_peak_learning_rate(self.lr_scheduler, self.peak_learning_rate)
         self.micro_steps, self.global_steps = engine_state["micro_steps"], engine_state["global_steps"]
         return True, engine_state["client_state"]
 

@@ -19,6 +19,7 @@ import torch
 from model import RewardModel
 from model.value_head import load_reward_model, value_forward_flops
 from train import distributed
+from train.config import ConfigError
 from train.exports import resolve_from_weight, resolve_weights
 from train.rl import RLConfig, RLStage
 from train.rl_losses import gae, masked_whiten, response_values
@@ -34,6 +35,15 @@ class PPOConfig(RLConfig):
                                                              "rollout's in the clipped value loss"})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount γ"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ"})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("critic_learning_rate", "value_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name}: must be in [0, 1], got {getattr(self, name)}")
 
 
 class PPOStage(RLStage):

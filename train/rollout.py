@@ -18,7 +18,7 @@ from model import generate
 from model.value_head import is_reward_model, load_reward_model
 from train.backend import TrainedModel, unwrap
 from train.config import ConfigError
-from train.exports import resolve_weights
+from train.exports import check_tokenizer, resolve_weights
 from train.rl_losses import k3_kl, response_logps
 
 
@@ -77,6 +77,7 @@ class RolloutMaker:
         self.reward_model = self.reward_config = None
         if cfg.reward == "model":
             source = resolve_weights(cfg, "reward_model", cfg.reward_model)
+            check_tokenizer(cfg, "reward_model", source, ctx.tokenizer)
             if not is_reward_model(source):
                 raise ConfigError(f"--reward_model {cfg.reward_model}: {source} holds a language model, not a reward "
                                   f"model; train one with bash launch/run_reward.sh")

@@ -75,19 +75,42 @@ def drop_padding_columns(batch: dict) -> dict:
     return {name: value[:, :width] for name, value in batch.items()}
 
 
-def build_language_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
-    """The exported weights at `source`, else a fresh model of the --model preset or config directory."""
-    if source is not None:
-        return load_pretrained(source)
-    model_path = cfg.resolve_path(cfg.model)
-    if (model_path / "config.json").is_file():
-        config = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
-    else:
+def requested_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model --model names: a preset, or a directory holding config.json."""
+    config_file = cfg.resolve_path(cfg.model) / "config.json"
+    if not config_file.is_file():
         try:
-            config = ModelConfig.from_preset(cfg.model)
+            return ModelConfig.from_preset(cfg.model)
         except ValueError as error:
             raise ConfigError(f"--model: {error} (or a directory holding config.json)") from None
-    return Transformer(config)
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError too: it gives the byte position
+        raise ConfigError(f"--model: {config_file} is not valid UTF-8 JSON: {error}") from None
+    try:
+        return ModelConfig.from_dict(values, str(config_file))
+    except ValueError as error:
+        raise ConfigError(f"--model: {error}") from None
+
+
+def build_language_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
+    """The exported weights at `source`, else a fresh model of the --model preset or config directory. A --model
+    given together with --from_weight must be the model the weights are: it is never silently ignored."""
+    if source is None:
+        return Transformer(requested_model_config(cfg))
+    try:
+        model = load_pretrained(source)
+    except ValueError as error:  # each names the file: its config, its weights
+        raise ConfigError(f"--from_weight: {error}") from None
+    if "model" in cfg.explicit_options:
+        requested, loaded = requested_model_config(cfg).to_dict(), model.config.to_dict()
+        different = [f"{key} {requested[key]} (the weights: {loaded[key]})" for key in requested
+                     if requested[key] != loaded[key]]
+        if different:
+            raise ConfigError(f"--model {cfg.model} is not the model --from_weight {source} holds: "
+                              f"{', '.join(different)}; leave --model out to train the model the weights are, or "
+                              f"--from_weight none to train a fresh {cfg.model}")
+    return model
 
 
 class Stage:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from model import num_params
-from train import checkpoint, distributed
+from train import checkpoint, distributed, exports, run_dir
 from train.backend import build_backend
 from train.config import REPO_ROOT, ConfigError, TrainConfig
-from train.data_loading import build_data
+from train.data_loading import build_data, load_run_tokenizer
 from train.exports import EXPORT_DIR, resolve_from_weight
 from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from train.metrics import MetricsTracker
@@ -81,10 +81,14 @@ class Trainer:
 
         # The backend first: an option this machine cannot honour fails before the model and data are made.
         self.backend = build_backend(cfg, self.world_size)
+        self.run_dir_lock = run_dir.claim_on_rank0(cfg, self.out_dir)  # held for the run's life (rank 0)
         source = resolve_from_weight(cfg)
+        tokenizer = load_run_tokenizer(cfg)
+        if source is not None:
+            exports.check_tokenizer(cfg, "from_weight", source, tokenizer)
         module = stage.build_model(cfg, source)
         self.model_config = module.config
-        self.data = build_data(cfg, stage, self.model_config, distributed.rank(), self.world_size)
+        self.data = build_data(cfg, stage, self.model_config, distributed.rank(), self.world_size, tokenizer)
         # Per epoch: a weighted mixture that subsamples a source packs a different token count each epoch.
         self.epoch_steps = [len(self.data.train.batches(epoch)) // cfg.accumulation_steps
                             for epoch in range(cfg.epochs)]
@@ -94,6 +98,8 @@ class Trainer:
                               f"({len(self.data.train)} micro-batches per rank per epoch)")
         planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        # Before the engines are built: a resume that is not this run fails fast, with nothing loaded or changed.
+        resume_tag = self._check_resume() if cfg.from_resume else None
 
         self.model = self.backend.wrap(module, cfg, self.total_steps * stage.optimizer_steps_per_step(cfg))
         # Before the resume: a stage's extra models start from the initial weights, not the resumed ones.
@@ -107,16 +113,33 @@ class Trainer:
                                                                                    update.held_back))
         self.state = TrainState(stage.name, self.metrics, self.epoch_steps, cfg.accumulation_steps)
         self.saved_step: Optional[int] = None
-        if cfg.from_resume:
-            self._resume()
+        if resume_tag is not None:
+            self._resume(resume_tag)
         self.logger = self._build_loggers() if distributed.is_main() else None
         self.history: list[dict] = []  # every metric line, on every rank
         self.learning_rate = self.model.learning_rate  # the rate of the last step taken
         self._write_run_config(source)
 
     # ----- set-up helpers -----
-    def _resume(self) -> None:
-        tag, state = checkpoint.load(self.model, self.checkpoint_dir, self.stage.trained_models())
+    def run_identity(self) -> dict:
+        """What makes this run itself: a resume that differs in any of these would be another run."""
+        return {"stage": self.stage.name, "model": self.model_config.to_dict(),
+                "tokenizer_sha256": self.data.tokenizer.fingerprint, "data_key": self.data.prepared.key,
+                "packing": self.data.mode, "seq_len": self.data.seq_len, "batch_size": self.cfg.batch_size,
+                "accumulation_steps": self.cfg.accumulation_steps, "world_size": self.world_size,
+                "backend": self.backend.describe(), "dtype": self.backend.dtype, "seed": self.cfg.seed}
+
+    def _check_resume(self) -> str:
+        """The checkpoint to resume (the latest that verifies), once it is known to be this run's."""
+        tag = checkpoint.usable_tag(self.checkpoint_dir)
+        changed = run_dir.check_resume(checkpoint.read_run(self.checkpoint_dir / tag), self.run_identity(),
+                                       self.cfg, self.checkpoint_dir / tag)
+        if changed and distributed.is_main():
+            print(f"resuming with changed options: {'; '.join(changed)}", flush=True)
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        state = checkpoint.load(self.model, self.checkpoint_dir, tag, self.stage.trained_models())
         self.state.load_state_dict(state)
         if distributed.is_main():
             print(f"resumed from {self.checkpoint_dir / tag}: step {self.state.global_step}, epoch "
@@ -257,7 +280,8 @@ class Trainer:
         previous = checkpoint.latest_tag(self.checkpoint_dir)
         try:
             path = checkpoint.save(self.model, self.checkpoint_dir, self.state.global_step, self.state.state_dict(),
-                                   self.cfg.keep_checkpoints, self.stage.trained_models())
+                                   self.cfg.keep_checkpoints, self.stage.trained_models(),
+                                   run={"identity": self.run_identity(), "train": self.cfg.to_dict()})
         except Exception as error:
             raise checkpoint.disk_full_error(error, self.checkpoint_dir / checkpoint.tag_for(self.state.global_step),
                                              previous) or error
@@ -269,6 +293,7 @@ class Trainer:
         state = self.model.full_state_dict()
         if distributed.is_main():
             path = self.stage.export(state, self.model_config, self.out_dir / EXPORT_DIR)
+            exports.write_provenance(path, self.stage.name, self.state.global_step, self.data.tokenizer)
             print(f"exported weights to {path}", flush=True)
         distributed.barrier()
 

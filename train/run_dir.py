@@ -1,0 +1,145 @@
+"""One run owns its out_dir: a lock for the run's life, no fresh run over an earlier run's results, and a resume
+that is the same run or refused.
+
+Rank 0 holds an exclusive `flock` on <out_dir>/.lock, which the kernel releases however the process ends (a crash
+or SIGKILL leaves no stale lock; the file stays and names the last holder). A fresh run (no --from_resume) into an
+out_dir that holds an earlier run's checkpoints, metrics or export is refused; --start_over moves them aside to
+<out_dir>.<date-time> first. Nothing is ever deleted here.
+
+A checkpoint records what makes its run itself (train/trainer.py's run_identity); --from_resume compares it with
+this run's: a difference that would corrupt the run is refused with the differences listed, the options a resume
+may change (learning rate, intervals, max_steps, ...) are reported and take effect.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+from train import distributed
+from train.config import ConfigError, TrainConfig
+
+LOCK_FILE = ".lock"
+
+
+def earlier_run(out_dir: Path) -> list[str]:
+    """What in out_dir belongs to an earlier run (empty: nothing)."""
+    found = []
+    checkpoints = out_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"checkpoints ({', '.join(sorted(p.name for p in checkpoints.iterdir())[:4])})")
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:  # a symlink to a device or an empty file holds nothing
+        found.append(f"metrics.jsonl ({sum(1 for _ in metrics.open())} lines)")
+    for name in ("export", "summary.json"):
+        if (out_dir / name).exists():
+            found.append(name)
+    return found
+
+
+class RunDirLock:
+    """The exclusive lock of one run on its out_dir (rank 0), released at exit or by `release`."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / LOCK_FILE
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = _read_holder(self.file.read())
+            self.file.close()
+            raise ConfigError(f"--out_dir {out_dir} is in use by another run ({holder}); wait for it to end, or give "
+                              f"this run another --out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the flock
+
+
+def _read_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def claim(cfg: TrainConfig, out_dir: Path) -> RunDirLock:
+    """Rank 0: lock out_dir, then make sure a fresh run does not mix with an earlier one (moved aside under
+    --start_over, refused otherwise)."""
+    lock = RunDirLock(out_dir)
+    found = [] if cfg.from_resume else earlier_run(out_dir)
+    if found:
+        aside = out_dir.with_name(f"{out_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        while aside.exists():  # two starts over within a second
+            aside = aside.with_name(aside.name + "+")
+        if not cfg.start_over:
+            lock.release()
+            raise ConfigError(f"--out_dir {out_dir} holds an earlier run: {', '.join(found)}. Continue it with "
+                              f"--from_resume, give this run another --out_dir, or pass --start_over to move the "
+                              f"earlier run aside (to {aside}) and start fresh")
+        aside.mkdir()
+        for entry in out_dir.iterdir():
+            if entry.name != LOCK_FILE:
+                entry.rename(aside / entry.name)
+        print(f"--start_over: moved the earlier run in {out_dir} ({', '.join(found)}) to {aside}", flush=True)
+    return lock
+
+
+def claim_on_rank0(cfg: TrainConfig, out_dir: Path) -> Optional[RunDirLock]:
+    """Every rank: rank 0 claims; its refusal is raised on every rank, so none waits in a later collective."""
+    lock, error = None, None
+    if distributed.is_main():
+        try:
+            lock = claim(cfg, out_dir)
+        except (ConfigError, OSError) as caught:
+            error = str(caught)
+    error = next((e for e in distributed.gather_objects(error) if e), None)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+# What a resume may change: options that do not move the data position, the model or the optimizer's state.
+RESUMABLE_CHANGES = ("learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "log_interval",
+                     "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "nonfinite", "metrics",
+                     "use_wandb", "wandb_project", "wandb_run_name", "throughput_warmup_steps", "peak_tflops",
+                     "grad_clip", "critic_learning_rate", "use_prepared", "compile")
+# Options that name a thing by path, or only say how this process starts: compared through what they resolve to.
+NOT_COMPARED = ("from_resume", "start_over", "local_rank", "out_dir", "out_root", "from_weight", "model",
+                "data_config", "tokenizer", "deepspeed", "backend", "allow_tokenizer_change", "reward_model")
+
+
+def check_resume(saved: Optional[dict], identity: dict, cfg: TrainConfig, where: Path) -> list[str]:
+    """Refuse a resume that is not the same run; returns the options it changes ("name: before -> now")."""
+    if saved is None:
+        if distributed.is_main():
+            print(f"WARNING: {where} records no run identity (saved before zerostage recorded one): the resume is "
+                  f"not checked against it", flush=True)
+        return []
+    before = saved["identity"]
+    if before.get("world_size") != identity["world_size"]:
+        raise ConfigError(f"--from_resume: {where} was saved by {before.get('world_size')} ranks and this run has "
+                          f"{identity['world_size']}; resuming on another number of ranks is not supported yet: "
+                          f"start the run with {before.get('world_size')} ranks (NUM_GPUS / --nodes)")
+    different = [f"{name}: {before.get(name)!r} -> {value!r}" for name, value in identity.items()
+                 if before.get(name) != value]
+    old_train, new_train = saved["train"], cfg.to_dict()
+    different += [f"{name}: {old_train.get(name)!r} -> {value!r}" for name, value in new_train.items()
+                  if name not in RESUMABLE_CHANGES + NOT_COMPARED and name not in identity
+                  and old_train.get(name) != value]
+    if different:
+        raise ConfigError(f"--from_resume: this is not the run saved in {where}; these differ: {'; '.join(different)}. "
+                          f"Resume with the saved settings, or start a new run (another --out_dir, or --start_over)")
+    return [f"{name}: {old_train.get(name)!r} -> {value!r}" for name, value in new_train.items()
+            if name in RESUMABLE_CHANGES and old_train.get(name) != value]
