@@ -21,7 +21,6 @@ from train import checkpoint
 
 TINY = ["--model", "tiny", "--max_seq_len", "64", "--batch_size", "2", "--eval_batches", "1", "--log_interval", "1"]
 RUN = [*TINY, "--max_steps", "2", "--save_interval", "2"]
-MINIMIND_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "minimind" / "minimind3-tokenizer"
 
 
 def snapshot(out_dir: Path) -> dict[str, str]:
@@ -144,17 +143,29 @@ def test_safe_changes_are_applied_and_reported_and_a_save_holds_only_its_own_fil
     assert checkpoint.latest_tag(out_dir / "checkpoints") == "step_00000004"
 
 
+def another_tokenizer(directory: Path) -> Path:
+    """The project's tokenizer with two ordinary tokens' ids swapped: the same vocabulary size, other meanings."""
+    shutil.copytree(REPO_ROOT / "model" / "tokenizer", directory)
+    content = json.loads((directory / "tokenizer.json").read_text())
+    vocab = content["model"]["vocab"]
+    first, second = [token for token, index in vocab.items() if index in (1000, 1001)]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (directory / "tokenizer.json").write_text(json.dumps(content))
+    return directory
+
+
 def test_weights_of_another_tokenizer_are_refused_unless_asked_for(saved_run, tmp_path):
+    other = another_tokenizer(tmp_path / "tokenizer")
     export = saved_run[0] / "export"
     trained_with = json.loads((export / "zerostage.json").read_text())["tokenizer"]
     assert trained_with["path"].endswith("model/tokenizer")
     before = snapshot(export)
-    result = run_stage("sft", tmp_path / "sft", *RUN, "--from_weight", str(export), "--tokenizer",
-                       str(MINIMIND_TOKENIZER), world_size=1, zero="2", check=False)
+    result = run_stage("sft", tmp_path / "sft", *RUN, "--from_weight", str(export), "--tokenizer", str(other),
+                       world_size=1, zero="2", check=False)
     assert_refused(result, f"--from_weight {export} was trained with the tokenizer {trained_with['path']}",
-                   f"this run's --tokenizer {MINIMIND_TOKENIZER} is another", "--allow_tokenizer_change")
+                   f"this run's --tokenizer {other} is another", "--allow_tokenizer_change")
     assert snapshot(export) == before
-    run_stage("sft", tmp_path / "sft", *RUN, "--from_weight", str(export), "--tokenizer", str(MINIMIND_TOKENIZER),
+    run_stage("sft", tmp_path / "sft", *RUN, "--from_weight", str(export), "--tokenizer", str(other),
               "--allow_tokenizer_change", world_size=1, zero="2")
 
 
