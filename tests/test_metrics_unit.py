@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from train.loggers import JsonlLogger, Logger, MultiLogger, console_line
 from train.metrics import BatchStats, MetricsTracker
+from train.trainer import finite_or_null
 
 
 def tracker(**overrides) -> MetricsTracker:
@@ -159,3 +161,83 @@ def test_without_metrics_the_step_flags_are_still_collected():
     assert (metrics.skipped_steps, metrics.nonfinite_steps) == (1, 1)
     metrics.collect_step_outcomes()  # an empty window
     assert metrics.window_nonfinite == []
+
+
+def test_a_last_value_metric_is_the_last_steps_and_null_when_its_update_was_skipped(capsys):
+    """critic/grad_norm's kind: the value of the window's last step, not the window's mean; a skipped update's
+    (None) is null with one warning, never a stale or averaged number."""
+    metrics = tracker()
+    for norm in (1.0, 3.0):
+        add_step(metrics, 1.0, 10)
+        metrics.set_last("critic/grad_norm", torch.tensor(norm))
+    assert metrics.collect(global_step=2, learning_rate=1e-3)["critic/grad_norm"] == pytest.approx(3.0)
+    add_step(metrics, 1.0, 10)
+    metrics.set_last("critic/grad_norm", None)
+    assert metrics.collect(global_step=3, learning_rate=1e-3)["critic/grad_norm"] is None
+    add_step(metrics, 1.0, 10)
+    metrics.set_last("critic/grad_norm", torch.tensor(float("nan")))
+    assert metrics.collect(global_step=4, learning_rate=1e-3)["critic/grad_norm"] is None
+    assert capsys.readouterr().err.count("critic/grad_norm unknown") == 1
+
+
+def test_phase_times_are_the_mean_per_step_of_host_clock_marks():
+    metrics = tracker(warmup_steps=0)
+    for start, middle, end in ((0.0, 0.5, 2.0), (10.0, 10.25, 11.0)):
+        add_step(metrics, 1.0, 10)
+        metrics.add_phase("system/rollout_time_s", start, middle)
+        metrics.add_phase("system/train_time_s", middle, end)
+    record = metrics.collect(global_step=2, learning_rate=1e-3)
+    assert record["system/rollout_time_s"] == pytest.approx((0.5 + 0.25) / 2)
+    assert record["system/train_time_s"] == pytest.approx((1.5 + 0.75) / 2)
+
+
+def test_epoch_time_leaves_out_the_time_between_windows_and_goes_on_after_a_resume():
+    metrics = tracker(warmup_steps=0)
+    metrics.start_epoch()
+    time.sleep(0.05)
+    add_step(metrics, 1.0, 10)
+    first = metrics.collect(global_step=1, learning_rate=1e-3)["system/epoch_time"] * 60
+    time.sleep(0.6)  # an evaluation and a checkpoint: not training time
+    metrics.restart_rate_clock()
+    time.sleep(0.05)
+    add_step(metrics, 1.0, 10)
+    second = metrics.collect(global_step=2, learning_rate=1e-3)["system/epoch_time"] * 60
+    assert 0.05 <= first < 0.3 and 0.1 <= second < 0.5
+    resumed = tracker(warmup_steps=0)
+    resumed.load_state_dict(metrics.state_dict())
+    resumed.start_epoch(resumed=True)
+    time.sleep(0.05)
+    add_step(resumed, 1.0, 10)
+    assert second + 0.05 <= resumed.collect(global_step=3, learning_rate=1e-3)["system/epoch_time"] * 60 < second + 0.4
+
+
+def test_a_non_finite_value_is_announced_once_per_key_when_logged_as_null(tmp_path, capsys):
+    loggers = MultiLogger([JsonlLogger(tmp_path / "metrics.jsonl")])
+    loggers.log({"train/loss": math.inf, "eval/loss": 1.0}, step=1)
+    loggers.log({"train/loss": math.nan, "eval/loss": math.nan}, step=2)
+    loggers.close()
+    err = capsys.readouterr().err
+    assert err.count("train/loss was inf at step 1: logged as null") == 1 and "train/loss was nan" not in err
+    assert err.count("eval/loss was nan at step 2: logged as null") == 1
+    assert [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        [None, None]
+
+
+def test_summary_values_are_json_with_null_for_non_finite():
+    assert finite_or_null({"final_loss": math.nan, "eval": {"eval/loss": math.inf, "eval/reward": 0.5}, "n": 3}) == \
+        {"final_loss": None, "eval": {"eval/loss": None, "eval/reward": 0.5}, "n": 3}
+
+
+def test_eta_adds_the_evaluations_and_checkpoints_still_to_come_at_their_measured_cost():
+    metrics = tracker(warmup_steps=0, total_steps=10, eval_interval=4, save_interval=0)
+    add_step(metrics, 1.0, 10)
+    add_step(metrics, 1.0, 10)
+    unmeasured = metrics.collect(global_step=2, learning_rate=1e-3)
+    assert unmeasured["train/eta_minutes"] == pytest.approx(8 * unmeasured["system/step_time_s"] / 60)
+    metrics.add_overhead("eval", 2.0)
+    metrics.add_overhead("eval", 4.0)  # mean 3 s
+    metrics.add_overhead("save", 1.5)
+    add_step(metrics, 1.0, 10)
+    record = metrics.collect(global_step=3, learning_rate=1e-3)
+    # Evaluations after step 3: steps 4 and 8, and the last step (10); one checkpoint, at the end.
+    assert record["train/eta_minutes"] == pytest.approx((7 * record["system/step_time_s"] + 3 * 3.0 + 1.5) / 60)

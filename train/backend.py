@@ -29,6 +29,7 @@ class Update:
     grad_norm: Optional[torch.Tensor]  # pre-clip global norm of the full gradient (None: unknown)
     held_back: Flag  # the update was not applied (a device bool where the device decided, without a host sync)
     applied: bool  # the update was applied, as the host knows it (a device-side hold-back is not reflected here)
+    learning_rate: float  # the rate the update used
 
 
 class TrainedModel:

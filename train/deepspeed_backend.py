@@ -218,6 +218,7 @@ class DeepSpeedModel(TrainedModel):
 
     def step(self) -> Update:
         engine = self.engine
+        learning_rate = self.learning_rate
         grad_norm = held_back = None
         if not self.reports_grad_norm:
             grad_norm = full_gradient_norm(self.module)
@@ -233,7 +234,7 @@ class DeepSpeedModel(TrainedModel):
             reported = engine.get_global_grad_norm()
             grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
         applied = engine.was_step_applied()
-        return Update(grad_norm, held_back if held_back is not None else not applied, applied)
+        return Update(grad_norm, held_back if held_back is not None else not applied, applied, learning_rate)
 
     def save(self, directory: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)

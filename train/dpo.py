@@ -95,12 +95,12 @@ class DPOStage(PairedStage):
         policy, aux_loss = sequence_logps(model, batch)
         with torch.no_grad():
             reference, _ = sequence_logps(self.reference, batch)
+        policy_chosen, policy_rejected = policy.detach().chunk(2)  # logps/*: sums over the answer, IPO or not
         if self.kind == "ipo":
             tokens = batch["targets_per_answer"].clamp_min(1)
             policy, reference = policy / tokens, reference / tokens
         losses, chosen, rejected = dpo_loss(policy, reference, self.beta, self.kind)
         real = batch["real_pairs"].float()
-        policy_chosen, policy_rejected = policy.chunk(2)
         extras = {name: ((value.detach() * real).sum(), batch["pairs"]) for name, value in [
             ("rewards/chosen", chosen), ("rewards/rejected", rejected),
             ("rewards/accuracies", (chosen > rejected).float()),  # a tie (policy == reference) is not a win

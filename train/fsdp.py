@@ -96,6 +96,7 @@ class FSDPModel(TrainedModel):
     def step(self) -> Update:
         """Clip, update, advance the schedule; as DeepSpeed's ZeRO optimizers do, a non-finite norm skips the
         update and the schedule (read on the host, as they read it)."""
+        learning_rate = self.learning_rate
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -108,7 +109,7 @@ class FSDPModel(TrainedModel):
             self.lr_scheduler.step()
             self.global_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return Update(grad_norm, not applied, applied)
+        return Update(grad_norm, not applied, applied, learning_rate)
 
     # ----- checkpoints -----
     def save(self, directory: Path, tag: str, client_state: dict) -> None:

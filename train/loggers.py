@@ -117,9 +117,16 @@ class MultiLogger:
 
     def __init__(self, loggers: list[Logger]):
         self.loggers = loggers
+        self.nulled: set[str] = set()  # keys already announced as turned to null
 
     def log(self, record: dict, step: int) -> None:
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        nonfinite = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        for key in nonfinite:
+            if key not in self.nulled:
+                self.nulled.add(key)
+                print(f"WARNING: {key} was {record[key]} at step {step}: logged as null (said once per key)",
+                      file=sys.stderr, flush=True)
+        record = {k: (None if k in nonfinite else v) for k, v in record.items()}
         for logger in list(self.loggers):
             try:
                 logger.log(record, step)

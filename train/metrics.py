@@ -38,6 +38,20 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+def device_clock():
+    """A mark on the device's timeline without waiting for it: a recorded CUDA event on a GPU (its time is read
+    once the device has caught up), the host clock elsewhere (CPU work is done when the call returns)."""
+    if torch.cuda.is_available():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def mark_seconds(start, end) -> float:
+    return start.elapsed_time(end) / 1000 if isinstance(start, torch.cuda.Event) else end - start
+
+
 def reduce_over_ranks(values: dict, device: torch.device) -> dict:
     """name -> (value, how) to name -> the value reduced over ranks, `how` being "sum", "max" or "rank0" (rank 0's).
 
@@ -76,7 +90,8 @@ class _Window:
 
 class MetricsTracker:
     def __init__(self, *, world_size: int, device: torch.device, peak_flops: Optional[float],
-                 total_steps: int, warmup_steps: int, enabled: bool = True):
+                 total_steps: int, warmup_steps: int, enabled: bool = True, eval_interval: int = 0,
+                 save_interval: int = 0):
         self.world_size = world_size
         self.device = device
         self.peak_flops = peak_flops
@@ -92,7 +107,16 @@ class MetricsTracker:
         self.last_grad_norm: Optional[torch.Tensor] = None
         self.last_step_skipped = False
         self._warned: set[str] = set()
-        self.epoch_start = time.perf_counter()
+        # Cumulative over the run, across resumes (state_dict): the training time of the current epoch (evaluation
+        # and checkpointing left out), and every rate window's tokens, FLOPs and seconds (summary.json's means).
+        self.epoch_seconds = 0.0
+        self.epoch_clock = time.perf_counter()
+        self.rate_totals = {"tokens": 0.0, "flops": 0.0, "seconds": 0.0}
+        self.last_values: dict[str, Optional[torch.Tensor]] = {}  # name -> the window's last step's value
+        self.phases: list = []  # (name, start mark, end mark) of the window, read at the next collect
+        # ETA: evaluations and checkpoints still to come, at the mean duration measured so far in this process.
+        self.intervals = {"eval": eval_interval, "save": save_interval}
+        self.overheads = {kind: [0.0, 0] for kind in self.intervals}  # kind -> [seconds, count]
         if warmup_steps == 0:
             self._start_rate_window()
 
@@ -119,12 +143,45 @@ class MetricsTracker:
         self.rate_window_start = time.perf_counter()
 
     def restart_rate_clock(self) -> None:
-        """Leave the time since the last window out of the next (evaluation, checkpointing)."""
+        """Leave the time since the last window out of the next window's rates and of the epoch time (start-up,
+        evaluation, checkpointing)."""
         if self.rate_window_start is not None:
             self._start_rate_window()
+        self.epoch_clock = time.perf_counter()
 
-    def start_epoch(self) -> None:
-        self.epoch_start = time.perf_counter()
+    def start_epoch(self, resumed: bool = False) -> None:
+        """A new epoch's clock (`resumed`: the epoch a checkpoint stopped in goes on from its saved time)."""
+        if not resumed:
+            self.epoch_seconds = 0.0
+        self.epoch_clock = time.perf_counter()
+
+    def add_overhead(self, kind: str, seconds: float) -> None:
+        """The measured duration of one evaluation ("eval") or checkpoint ("save")."""
+        self.overheads[kind][0] += seconds
+        self.overheads[kind][1] += 1
+
+    def _remaining_overheads(self, global_step: int) -> float:
+        """Seconds the evaluations and checkpoints after global_step will take (each also falls on the last step);
+        a kind not measured yet counts nothing."""
+        total = 0.0
+        for kind, interval in self.intervals.items():
+            seconds, count = self.overheads[kind]
+            if not count or global_step >= self.total_steps:
+                continue
+            due = self.total_steps // interval - global_step // interval if interval else 0
+            final_extra = not interval or self.total_steps % interval
+            total += (due + bool(final_extra)) * seconds / count
+        return total
+
+    def set_last(self, name: str, value: Optional[torch.Tensor]) -> None:
+        """A metric logged as its value at the window's last step (rank 0's), like train/grad_norm; None: unknown
+        at that step (a skipped update), logged as null."""
+        self.last_values[name] = value
+
+    def add_phase(self, name: str, start, end) -> None:
+        """One step's time in a phase (RL's rollout and update), from two marks of `device_clock()`; logged as the
+        mean per step over the window and the ranks. Read at the next collect, after its device synchronize."""
+        self.phases.append((name, start, end))
 
     @contextmanager
     def waiting_for_data(self):
@@ -212,6 +269,14 @@ class MetricsTracker:
         for name in extra_names:
             local[("extra_sum", name)] = (w.extra_sums[name], "sum")
             local[("extra_count", name)] = (w.extra_counts[name], "sum")
+        phase_names = sorted({name for name, _, _ in self.phases})
+        for name in phase_names:
+            local[("phase_sum", name)] = (sum(mark_seconds(a, b) for n, a, b in self.phases if n == name), "sum")
+            local[("phase_count", name)] = (sum(1 for n, _, _ in self.phases if n == name), "sum")
+        last_names = sorted(self.last_values)
+        for name in last_names:
+            value = self.last_values[name]
+            local[("last", name)] = (value if value is not None else float("nan"), "rank0")
         reduced = reduce_over_ranks({**local, **self.nonfinite_watch.flags()}, self.device)
         self.nonfinite_watch.resolve(reduced)
 
@@ -255,6 +320,12 @@ class MetricsTracker:
                                             f"{self.peak_flops / 1e12:.4g} TFLOP/s is below what this run achieves; "
                                             f"MFU logged as null (set --peak_tflops)")
             mfu = None
+        if rates_known:
+            self.rate_totals["tokens"] += reduced["rate_tokens"]
+            self.rate_totals["flops"] += reduced["rate_flops"]
+            self.rate_totals["seconds"] += elapsed
+        self.epoch_seconds += now - self.epoch_clock
+        self.epoch_clock = now
         record.update({
             "train/tokens_per_second": reduced["rate_tokens"] / elapsed if rates_known else None,
             "train/samples_per_second": reduced["rate_samples"] / elapsed if rates_known else None,
@@ -263,12 +334,22 @@ class MetricsTracker:
             "train/mfu_percent": mfu,
             "system/step_time_s": step_time,
             "system/data_wait_percent": 100 * reduced["data_wait"] / elapsed if rates_known else None,
-            "train/eta_minutes": max(0, self.total_steps - global_step) * step_time / 60 if rates_known else None,
-            "system/epoch_time": (now - self.epoch_start) / 60,
+            "train/eta_minutes": (max(0, self.total_steps - global_step) * step_time
+                                  + self._remaining_overheads(global_step)) / 60 if rates_known else None,
+            "system/epoch_time": self.epoch_seconds / 60,
         })
         for name in extra_names:
             count = reduced[("extra_count", name)]
             record[name] = reduced[("extra_sum", name)] / count if count else None
+        for name in phase_names:
+            record[name] = reduced[("phase_sum", name)] / reduced[("phase_count", name)]
+        for name in last_names:
+            value = reduced[("last", name)]
+            record[name] = value if math.isfinite(value) else None
+            if record[name] is None:
+                self.warn_once(f"last_{name}", f"{name} unknown at step {global_step} (its update was skipped or not "
+                                               f"finite): logged as null")
+        self.phases = []
 
         self.window = _Window()
         if self.rate_window_start is not None:
@@ -277,10 +358,23 @@ class MetricsTracker:
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "supervised_tokens_seen": self.supervised_tokens_seen,
-                "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps}
+                "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
+                "epoch_seconds": self.epoch_seconds, "rate_totals": dict(self.rate_totals)}
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = state["tokens_seen"]
         self.supervised_tokens_seen = state["supervised_tokens_seen"]
         self.nonfinite_watch.skipped_steps = state["skipped_steps"]
         self.nonfinite_watch.nonfinite_steps = state["nonfinite_steps"]
+        # Checkpoints from before these were kept start them at zero.
+        self.epoch_seconds = state.get("epoch_seconds", 0.0)
+        self.rate_totals = dict(state.get("rate_totals", self.rate_totals))
+
+    def run_means(self) -> tuple[Optional[float], Optional[float]]:
+        """(tokens/s, MFU %) over every rate window of the run, across resumes: totals over total time."""
+        seconds = self.rate_totals["seconds"]
+        if not seconds:
+            return None, None
+        tokens_per_second = self.rate_totals["tokens"] / seconds
+        per_device = self.rate_totals["flops"] / seconds / self.world_size
+        return tokens_per_second, 100 * per_device / self.peak_flops if self.peak_flops else None

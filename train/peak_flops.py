@@ -152,6 +152,7 @@ def cpu_peak(dtype: str, cache_dir: Path) -> PeakFlops:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
+    distributed.barrier()  # the ranks of a node measure at once, as they will train
     measured = distributed.reduce_values([measure_gemm_flops(torch_dtype)], "mean")[0]
     # The ranks may have read different cache files (one per node): the lowest keeps every rank on one figure.
     cached = distributed.reduce_values([float(cache.get(key) or 0.0)], "min")[0]

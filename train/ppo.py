@@ -61,7 +61,6 @@ class PPOStage(RLStage):
         self.critic = ctx.backend.wrap(critic, dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate),
                                        ctx.total_steps * cfg.ppo_epochs)
         self.critic.train()
-        self.critic_grad_norm = None
         if distributed.is_main():
             print(f"[ppo] critic from {'the reward model' if cfg.reward == 'model' else 'the policy'}, reward "
                   f"{cfg.reward}, {cfg.ppo_epochs} PPO epochs, clip {cfg.clip_range}, k3 KL coefficient "
@@ -91,18 +90,18 @@ class PPOStage(RLStage):
         return LossOutput(loss_sum=(losses * rollout.mask).sum())
 
     def update_critic(self, updater: Updater, rollouts: list[Rollout], normaliser: torch.Tensor) -> list[dict]:
-        outputs, update = updater.update(self.critic, rollouts, self._value_loss, normaliser)
-        if update.grad_norm is not None:
-            self.critic_grad_norm = update.grad_norm
+        outputs, self.critic_update = updater.update(self.critic, rollouts, self._value_loss, normaliser)
         return [{"value_loss": output.loss_sum.detach()} for output in outputs]
 
     def extra_metrics(self, rollout: Rollout, sums: dict, tokens: float, epochs_done: int) -> dict:
         return {"loss/value": (torch.as_tensor(sums["value_loss"]), tokens * epochs_done),
                 "val/mean": ((rollout.values * rollout.mask).sum(), tokens)}
 
-    def step_metrics(self) -> dict:
-        norm, self.critic_grad_norm = self.critic_grad_norm, None
-        return {} if norm is None else {"critic/grad_norm": (norm, 1)}
+    def last_values(self) -> dict:
+        """The pre-clip norm of the critic's last update, as train/grad_norm is the policy's; null when that update
+        was skipped (DeepSpeed keeps a stale norm then)."""
+        update = self.critic_update
+        return {"critic/grad_norm": update.grad_norm if update.applied else None}
 
     def _critic_flops(self, rollout: Rollout) -> float:
         scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]

@@ -8,7 +8,6 @@ prompt and normalises their rewards within the group. The maths is in train/rl_l
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,7 @@ from model import forward_flops, generation_flops
 from model.value_head import value_forward_flops
 from train import distributed
 from train.config import ConfigError, TrainConfig
-from train.metrics import BatchStats
+from train.metrics import BatchStats, device_clock
 from train.rl_losses import clipped_policy_loss, response_logps
 from train.rollout import Rollout, RolloutMaker
 from train.stage import MicroBatchReport, Stage, StageContext, StepReport
@@ -109,8 +108,8 @@ class RLStage(Stage):
         """The stage's own metrics of one rollout: name -> (device sum, host count)."""
         return {}
 
-    def step_metrics(self) -> dict:
-        """The stage's own once-per-step metrics (name -> (value, 1)), averaged over steps and ranks."""
+    def last_values(self) -> dict:
+        """The stage's own metrics logged as their value at the window's last step (name -> tensor or None)."""
         return {}
 
     # ----- the step -----
@@ -124,16 +123,15 @@ class RLStage(Stage):
 
     def train_step(self, micro_batches: list[dict], updater: Updater) -> StepReport:
         cfg, policy = self.ctx.cfg, self.ctx.model
-        started = time.perf_counter()
+        started = device_clock() if cfg.metrics else None  # phases timed without waiting for the device
         self.rollouts.sync(policy)
         rollouts = [self.rollouts.make(policy, batch, self.group_size) for batch in micro_batches]
         self.advantages(rollouts)
-        distributed.synchronize()
-        rollout_seconds = time.perf_counter() - started
+        rolled_out = device_clock() if cfg.metrics else None
 
-        tokens = [float(rollout.mask.sum()) for rollout in rollouts]
+        tokens = [float(sum(rollout.response_lengths)) for rollout in rollouts]  # = mask.sum(), known on the host
         normaliser = updater.normaliser(sum(tokens))
-        sums = [{"loss": 0.0, "clipped": 0.0, "approxkl": 0.0} for _ in rollouts]
+        sums = [{"loss": 0.0, "clipped": 0.0, "approxkl": 0.0, "aux_loss": None} for _ in rollouts]
         epochs_done = 0
         for _ in range(cfg.ppo_epochs):
             outputs, update = updater.update(policy, rollouts, self._policy_objective, normaliser)
@@ -142,6 +140,9 @@ class RLStage(Stage):
                 total["loss"] += output.loss_sum.detach()
                 total["clipped"] += output.extras["clipped"]
                 total["approxkl"] += output.extras["approxkl"]
+                if output.aux_loss is not None:  # MoE: logged as train/aux_loss, the mean over forwards
+                    aux = output.aux_loss.detach()
+                    total["aux_loss"] = aux if total["aux_loss"] is None else total["aux_loss"] + aux
                 for name, value in critic.items():
                     total[name] = total.get(name, 0.0) + value
             epochs_done += 1
@@ -151,13 +152,12 @@ class RLStage(Stage):
                 kl_sum, count = distributed.reduce_values([approxkl_sum, sum(tokens) * epochs_done])
                 if kl_sum / max(count, 1) > cfg.target_kl:
                     break
-        distributed.synchronize()
-        train_seconds = time.perf_counter() - started - rollout_seconds
-        reports = self._reports(rollouts, sums, tokens, epochs_done, rollout_seconds, train_seconds) \
-            if cfg.metrics else []
-        return StepReport(reports, update)
+        if not cfg.metrics:
+            return StepReport([], update)
+        phases = [("system/rollout_time_s", started, rolled_out), ("system/train_time_s", rolled_out, device_clock())]
+        return StepReport(self._reports(rollouts, sums, tokens, epochs_done), update, phases, self.last_values())
 
-    def _reports(self, rollouts, sums, tokens, epochs_done, rollout_seconds, train_seconds) -> list[MicroBatchReport]:
+    def _reports(self, rollouts, sums, tokens, epochs_done) -> list[MicroBatchReport]:
         reports = []
         for index, (rollout, total, count) in enumerate(zip(rollouts, sums, tokens)):
             rows = len(rollout.response_lengths)
@@ -174,15 +174,13 @@ class RLStage(Stage):
                 **self.extra_metrics(rollout, total, count, epochs_done),
             }
             if index == 0:  # once per step and rank: the window's mean over steps and ranks
-                extras.update({"system/rollout_time_s": (torch.tensor(rollout_seconds), 1),
-                               "system/train_time_s": (torch.tensor(train_seconds), 1),
-                               "policy/ppo_epochs": (torch.tensor(float(epochs_done)), 1),
-                               **self.step_metrics()})
+                extras["policy/ppo_epochs"] = (torch.tensor(float(epochs_done)), 1)
             stats = BatchStats(
                 input_tokens=sum(rollout.prompt_lengths) + sum(rollout.response_lengths),
                 supervised_tokens=int(count), samples=rows,
                 model_flops=self.rollout_flops(rollout) + epochs_done * self.update_flops(rollout))
-            reports.append(MicroBatchReport(torch.as_tensor(total["loss"]), int(trained), stats, extras=extras))
+            aux_loss = total["aux_loss"] / epochs_done if total["aux_loss"] is not None else None
+            reports.append(MicroBatchReport(torch.as_tensor(total["loss"]), int(trained), stats, aux_loss, extras))
         return reports
 
     # ----- evaluation -----

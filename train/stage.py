@@ -54,6 +54,8 @@ class MicroBatchReport:
 class StepReport:
     micro_batches: list[MicroBatchReport]
     update: Update  # the trained model's last update of the step
+    phases: list = field(default_factory=list)  # (metric name, start, end): marks of metrics.device_clock()
+    last_values: dict = field(default_factory=dict)  # metric name -> its value at this step (None: unknown)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

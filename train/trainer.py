@@ -35,6 +35,13 @@ from train.updater import Updater
 NONFINITE_EXIT_CODE = 1
 
 
+def finite_or_null(value):
+    """A JSON-ready copy with every non-finite float as None: NaN is not JSON."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -108,7 +115,8 @@ class Trainer:
         self.peak = device_peak(self.backend.dtype, cfg.peak_tflops, REPO_ROOT / ".cache")
         self.metrics = MetricsTracker(world_size=self.world_size, device=self.device,
                                       peak_flops=self.peak.flops_per_second, total_steps=self.total_steps,
-                                      warmup_steps=cfg.throughput_warmup_steps, enabled=cfg.metrics)
+                                      warmup_steps=cfg.throughput_warmup_steps, enabled=cfg.metrics,
+                                      eval_interval=cfg.eval_interval, save_interval=cfg.save_interval)
         self.updater = Updater(self.device, lambda update: self.metrics.add_update(update.grad_norm,
                                                                                    update.held_back))
         self.state = TrainState(stage.name, self.metrics, self.epoch_steps, cfg.accumulation_steps)
@@ -193,6 +201,10 @@ class Trainer:
             for micro in report.micro_batches:
                 self.metrics.add_micro_batch(micro.loss_sum, micro.loss_units, micro.stats, micro.aux_loss,
                                              micro.extras)
+            for phase in report.phases:
+                self.metrics.add_phase(*phase)
+            for name, value in report.last_values.items():
+                self.metrics.set_last(name, value)
         self.metrics.add_optimizer_step(report.update.grad_norm, report.update.applied)
         return report
 
@@ -200,10 +212,9 @@ class Trainer:
         """One global step and what falls due after it: a metric line, an evaluation, a checkpoint (`final`: the
         run's last step, which evaluates and saves)."""
         state = self.state
-        learning_rate = self.model.learning_rate  # the rate this step's updates use
         self.metrics.begin_step(state.global_step + 1, state.epoch, state.epoch_step * self.cfg.accumulation_steps)
-        self.train_step(micro_batches)
-        self.learning_rate = learning_rate
+        report = self.train_step(micro_batches)
+        self.learning_rate = report.update.learning_rate  # RL: the round's last update's (its schedule steps each)
         state.global_step += 1
         state.epoch_step += 1
         self._after_step(final)
@@ -217,20 +228,27 @@ class Trainer:
         evaluate = due(cfg.eval_interval) or final
         save = due(cfg.save_interval) or final
         # Saves and evaluations end a log window too: a checkpoint's token count is then exact.
-        window_ends = due(cfg.log_interval) or evaluate or save
-        if cfg.metrics and window_ends:
-            record = self.metrics.collect(global_step=step, learning_rate=self.learning_rate)
-            if evaluate:
-                record.update(self.evaluate())
-            self._log(record)
-        elif window_ends:
-            self.metrics.collect_step_outcomes()
-        if window_ends and self.metrics.window_nonfinite:
-            self._handle_nonfinite()
+        if due(cfg.log_interval) or evaluate or save:
+            self._end_window(evaluate)
         if save:
             self._save()
         if evaluate or save:
             self.metrics.restart_rate_clock()  # evaluation and saving are not training throughput
+
+    def _end_window(self, evaluate: bool = False) -> None:
+        """Gather the window's metrics over the ranks into a metric line (with an evaluation when due) and check
+        its steps for non-finite values."""
+        if self.cfg.metrics:
+            record = self.metrics.collect(global_step=self.state.global_step, learning_rate=self.learning_rate)
+            if evaluate:
+                started = time.perf_counter()
+                record.update(self.evaluate())  # ends in a reduction to the host: the device is done
+                self.metrics.add_overhead("eval", time.perf_counter() - started)
+            self._log(record)
+        else:
+            self.metrics.collect_step_outcomes()
+        if self.metrics.window_nonfinite:
+            self._handle_nonfinite()
 
     # ----- evaluation -----
     @torch.no_grad()
@@ -277,6 +295,7 @@ class Trainer:
 
     def _save(self) -> None:
         """Checkpoint the models and the state after the step just taken."""
+        started = time.perf_counter()
         previous = checkpoint.latest_tag(self.checkpoint_dir)
         try:
             path = checkpoint.save(self.model, self.checkpoint_dir, self.state.global_step, self.state.state_dict(),
@@ -288,6 +307,7 @@ class Trainer:
         if distributed.is_main():
             print(f"saved checkpoint {path}", flush=True)
         self.saved_step = self.state.global_step
+        self.metrics.add_overhead("save", time.perf_counter() - started)
 
     def _export(self) -> None:
         state = self.model.full_state_dict()
@@ -331,8 +351,10 @@ class Trainer:
         os._exit(status)
 
     def _stop_for_preemption(self) -> None:
-        """Every rank has finished the same step: save it (unless just saved) and exit for the launcher to requeue."""
+        """Every rank has finished the same step: save it (unless just saved) and exit for the launcher to requeue.
+        The window since the last log step ends first: its counts go into the checkpoint, its steps are checked."""
         if self.saved_step != self.state.global_step:
+            self._end_window()
             self._save()
         if distributed.is_main():
             print(f"stopping at step {self.state.global_step} on {self.preemption.signal_name()}: checkpoint saved, "
@@ -345,9 +367,10 @@ class Trainer:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         self.model.train()
+        self.metrics.restart_rate_clock()  # set-up and checkpoint loading are not training time
         done = state.global_step >= self.total_steps
         while not done and state.epoch < cfg.epochs:
-            self.metrics.start_epoch()
+            self.metrics.start_epoch(resumed=state.epoch_step > 0)
             batches = self.data.train.iterate(state.epoch, start_batch=state.epoch_step * cfg.accumulation_steps)
             while state.epoch_step < self.epoch_steps[state.epoch] and not done:
                 with self.metrics.waiting_for_data():
@@ -366,18 +389,16 @@ class Trainer:
         return self.history
 
     def _write_summary(self, wall_seconds: float) -> None:
-        def mean(key: str) -> Optional[float]:
-            values = [r[key] for r in self.history if r.get(key) is not None]
-            return sum(values) / len(values) if values else None
-
+        tokens_per_second, mfu_percent = self.metrics.run_means()
         last = self.history[-1] if self.history else {}
         summary = {"stage": self.stage.name, "final_loss": last.get("train/loss"), "eval_loss": last.get("eval/loss"),
                    "global_step": self.state.global_step, "tokens_seen": self.metrics.tokens_seen,
                    "skipped_steps": self.metrics.skipped_steps, "nonfinite_steps": self.metrics.nonfinite_steps,
                    "skipped_records": self.data.skipped_records,
-                   "mean_tokens_per_second": mean("train/tokens_per_second"),
-                   "mean_mfu_percent": mean("train/mfu_percent"), "wall_time_s": wall_seconds,
+                   "mean_tokens_per_second": tokens_per_second, "mean_mfu_percent": mfu_percent,
+                   "wall_time_s": wall_seconds,
                    "eval": {key: value for key, value in last.items() if key.startswith("eval/")}}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = finite_or_null(summary)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         print(f"[{self.stage.name}] done: {json.dumps(summary)}", flush=True)
 
