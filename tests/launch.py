@@ -1,6 +1,7 @@
 """Run a stage script the way users do (the deepspeed launcher or torchrun, CPU ranks) and read what it wrote."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ CONTRACT = ["train/loss", "train/learning_rate", "train/grad_norm", "train/epoch
             "train/tokens_per_second", "train/samples_per_second", "train/steps_per_second",
             "train/num_input_tokens_seen", "train/num_supervised_tokens_seen", "train/mfu_percent",
             "train/tflops_per_device", "train/eta_minutes", "system/epoch_time", "system/step_time_s",
-            "system/peak_memory_gb", "system/data_wait_percent", "train/skipped_steps"]
+            "system/peak_memory_gb", "system/data_wait_percent", "train/skipped_steps",
+            "train/num_computed_tokens_seen", "train/padding_percent"]
 
 
 def free_port() -> int:
@@ -115,3 +117,9 @@ def tmpfs(mount_point: Path, options: str):
         yield mount_point
     finally:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: also after a test left a file open
+
+
+def same_work(a, b) -> bool:
+    """Two BatchStats count the same tokens, samples and FLOPs; only the positions computed (the padding of each
+    layout) may differ."""
+    return dataclasses.replace(a, computed_tokens=0) == dataclasses.replace(b, computed_tokens=0)

@@ -10,7 +10,7 @@ import torch
 from train.metrics import BatchStats, MetricsTracker
 
 LOAD_S, COMPUTE_S = 0.02, 0.03
-STATS = BatchStats(input_tokens=8, supervised_tokens=8, samples=1, model_flops=1e6)
+STATS = BatchStats(computed_tokens=8, input_tokens=8, supervised_tokens=8, samples=1, model_flops=1e6)
 
 
 class SlowLoader:

@@ -85,6 +85,21 @@ def step_batches(train, step):
     return train[(step - 1) * ACCUMULATION: step * ACCUMULATION]
 
 
+def computed_positions(batch) -> int:
+    """Positions a rank's micro-batch computes: its rows × the width up to its widest row's last real token."""
+    used = (batch["doc_ids"] >= 0).any(dim=0).nonzero()
+    return batch["input_ids"].shape[0] * (int(used.max()) + 1 if len(used) else 1)
+
+
+def rank_batches(world_size: int) -> list[list[dict]]:
+    """Each rank's micro-batches of the run, as its own loader lays them out."""
+    config = load_data_config(REPO_ROOT / DATA_CONFIG)
+    prepared = load_prepared(config, load_tokenizer())
+    return [list(islice(BatchLoader(prepared.split("train"), GLOBAL_ROWS // world_size, config.max_seq_len, rank,
+                                    world_size, SEED, "padded", weights=prepared.weights).iterate(0),
+                        STEPS * ACCUMULATION)) for rank in range(world_size)]
+
+
 @pytest.mark.parametrize("run", RUNS, ids=[f"ws{w}-zero{z}" for w, z in RUNS])
 def test_metrics_match_independent_references(runs, data, run):
     world_size, _ = run
@@ -96,13 +111,19 @@ def test_metrics_match_independent_references(runs, data, run):
     assert records[0]["train/loss"] == pytest.approx(loss, rel=1e-5)
     assert records[0]["train/grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
 
-    tokens_seen = supervised_seen = 0
+    tokens_seen = supervised_seen = computed_seen = 0
+    per_rank = rank_batches(world_size)
     for step, record in enumerate(records, start=1):
         batches = step_batches(train, step)
         tokens_seen += sum(real_tokens(b) for b in batches)
         supervised_seen += sum(int((b["labels"] != -100).sum()) for b in batches)
+        computed = sum(computed_positions(b) for rank in per_rank for b in step_batches(rank, step))
+        computed_seen += computed
         assert record["train/num_input_tokens_seen"] == tokens_seen
         assert record["train/num_supervised_tokens_seen"] == supervised_seen
+        assert record["train/num_computed_tokens_seen"] == computed_seen
+        real = sum(real_tokens(b) for b in batches)
+        assert record["train/padding_percent"] == pytest.approx(100 * (1 - real / computed))
         assert record["train/skipped_steps"] == 0
 
     # Step 1 is warm-up: no rate window, rates are unknown, not zero.

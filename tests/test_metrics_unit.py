@@ -19,7 +19,7 @@ def tracker(**overrides) -> MetricsTracker:
 
 
 def add_step(metrics: MetricsTracker, loss_sum: float, tokens: int, grad_norm=1.0, applied=True):
-    stats = BatchStats(input_tokens=tokens + 3, supervised_tokens=tokens, samples=2, model_flops=1e9)
+    stats = BatchStats(computed_tokens=tokens + 5, input_tokens=tokens + 3, supervised_tokens=tokens, samples=2, model_flops=1e9)
     metrics.add_micro_batch(torch.tensor(loss_sum), tokens, stats)
     metrics.add_optimizer_step(None if grad_norm is None else torch.tensor(grad_norm), applied)
 
@@ -131,7 +131,7 @@ def test_nonfinite_steps_are_found_at_the_log_step_with_their_data_position():
     metrics.begin_step(1, epoch=0, first_micro_batch=0)
     add_step(metrics, 1.0, 10)
     metrics.begin_step(2, epoch=0, first_micro_batch=1)
-    stats = BatchStats(input_tokens=10, supervised_tokens=10, samples=2, model_flops=1e9)
+    stats = BatchStats(computed_tokens=10, input_tokens=10, supervised_tokens=10, samples=2, model_flops=1e9)
     metrics.add_micro_batch(torch.tensor(float("nan")), 10, stats)  # a NaN loss with a finite norm: applied
     metrics.add_update(torch.tensor(1.0), held_back=torch.tensor(False))
     metrics.add_optimizer_step(torch.tensor(1.0), True)

@@ -88,7 +88,8 @@ class DPOStage(PairedStage):
         targets = len(batch["target_positions"])
         forward = forward_flops(model_config, lengths, lm_head_tokens=targets)
         # Policy forward + backward (3×) and reference forward (1×), chosen and rejected rows alike.
-        return BatchStats(input_tokens=int(lengths.sum()), supervised_tokens=targets, samples=batch["pairs"],
+        return BatchStats(computed_tokens=batch["input_ids"].numel(), input_tokens=int(lengths.sum()),
+                          supervised_tokens=targets, samples=batch["pairs"],
                           model_flops=4.0 * forward)
 
     def loss(self, model, batch: dict) -> LossOutput:

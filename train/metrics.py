@@ -26,6 +26,7 @@ from train.nonfinite import Flag, NonfiniteWatch, StepOutcome
 @dataclass
 class BatchStats:
     """Counts of one micro-batch, made on the host from the batch itself."""
+    computed_tokens: int  # positions the trained model computed, padding included (rows × width)
     input_tokens: int  # non-padding tokens fed to the trained model(s)
     supervised_tokens: int  # tokens with a loss target
     samples: int  # sequences (or pairs, or prompts) of the micro-batch
@@ -76,6 +77,7 @@ class _Window:
     loss_weight: int = 0
     aux_loss_sum: Optional[torch.Tensor] = None
     micro_batches: int = 0
+    computed_tokens: int = 0
     input_tokens: int = 0
     supervised_tokens: int = 0
     # The rate window: only steps after warm-up count towards rates.
@@ -98,7 +100,8 @@ class MetricsTracker:
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.enabled = enabled
-        self.tokens_seen = 0  # global, cumulative (restored on resume)
+        self.tokens_seen = 0  # global, cumulative (restored on resume): non-padding input tokens
+        self.computed_tokens_seen = 0  # every position computed, padding included
         self.supervised_tokens_seen = 0
         self.steps_this_process = 0
         self.nonfinite_watch = NonfiniteWatch()
@@ -127,6 +130,11 @@ class MetricsTracker:
     @property
     def nonfinite_steps(self) -> int:
         return self.nonfinite_watch.nonfinite_steps
+
+    @property
+    def window_open(self) -> bool:
+        """Steps were taken since the last collect."""
+        return bool(self.nonfinite_watch.steps)
 
     @property
     def window_nonfinite(self) -> list[StepOutcome]:
@@ -218,6 +226,7 @@ class MetricsTracker:
             aux = aux_loss.detach().to(torch.float64)
             w.aux_loss_sum = aux if w.aux_loss_sum is None else w.aux_loss_sum + aux
         w.micro_batches += 1
+        w.computed_tokens += stats.computed_tokens
         w.input_tokens += stats.input_tokens
         w.supervised_tokens += stats.supervised_tokens
         if self.rate_window_start is not None:
@@ -258,6 +267,7 @@ class MetricsTracker:
             "loss_weight": (w.loss_weight, "sum"),
             "aux_loss_sum": (w.aux_loss_sum if w.aux_loss_sum is not None else 0.0, "sum"),
             "micro_batches": (w.micro_batches, "sum"), "input_tokens": (w.input_tokens, "sum"),
+            "computed_tokens": (w.computed_tokens, "sum"),
             "supervised_tokens": (w.supervised_tokens, "sum"),
             "rate_tokens": (w.rate_tokens, "sum"), "rate_samples": (w.rate_samples, "sum"),
             "rate_flops": (w.rate_flops, "sum"),
@@ -281,6 +291,7 @@ class MetricsTracker:
         self.nonfinite_watch.resolve(reduced)
 
         self.tokens_seen += int(reduced["input_tokens"])
+        self.computed_tokens_seen += int(reduced["computed_tokens"])
         self.supervised_tokens_seen += int(reduced["supervised_tokens"])
         record = {
             "train/loss": reduced["loss_sum"] / reduced["loss_weight"] if reduced["loss_weight"] else None,
@@ -288,6 +299,9 @@ class MetricsTracker:
             "train/grad_norm": None,
             "train/global_step": global_step,
             "train/num_input_tokens_seen": self.tokens_seen,
+            "train/num_computed_tokens_seen": self.computed_tokens_seen,
+            "train/padding_percent": (100 * (1 - reduced["input_tokens"] / reduced["computed_tokens"])
+                                      if reduced["computed_tokens"] else None),
             "train/num_supervised_tokens_seen": self.supervised_tokens_seen,
             "train/skipped_steps": self.skipped_steps,
             "train/nonfinite_steps": self.nonfinite_steps,
@@ -358,6 +372,7 @@ class MetricsTracker:
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "supervised_tokens_seen": self.supervised_tokens_seen,
+                "computed_tokens_seen": self.computed_tokens_seen,
                 "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
                 "epoch_seconds": self.epoch_seconds, "rate_totals": dict(self.rate_totals)}
 
@@ -367,6 +382,7 @@ class MetricsTracker:
         self.nonfinite_watch.skipped_steps = state["skipped_steps"]
         self.nonfinite_watch.nonfinite_steps = state["nonfinite_steps"]
         # Checkpoints from before these were kept start them at zero.
+        self.computed_tokens_seen = state.get("computed_tokens_seen", 0)
         self.epoch_seconds = state.get("epoch_seconds", 0.0)
         self.rate_totals = dict(state.get("rate_totals", self.rate_totals))
 

@@ -51,8 +51,9 @@ class RewardStage(PairedStage):
 
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
         lengths = document_lengths(batch["doc_ids"])
-        return BatchStats(input_tokens=int(lengths.sum()), supervised_tokens=2 * batch["pairs"],  # one score a row
-                          samples=batch["pairs"], model_flops=3.0 * value_forward_flops(model_config, lengths))
+        return BatchStats(computed_tokens=batch["input_ids"].numel(), input_tokens=int(lengths.sum()),
+                          supervised_tokens=2 * batch["pairs"], samples=batch["pairs"],  # one score a row
+                          model_flops=3.0 * value_forward_flops(model_config, lengths))
 
     def loss(self, model, batch: dict) -> LossOutput:
         output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])

@@ -176,6 +176,7 @@ class RLStage(Stage):
             if index == 0:  # once per step and rank: the window's mean over steps and ranks
                 extras["policy/ppo_epochs"] = (torch.tensor(float(epochs_done)), 1)
             stats = BatchStats(
+                computed_tokens=rollout.full_input_ids.numel(),  # the layout every scoring forward runs on
                 input_tokens=sum(rollout.prompt_lengths) + sum(rollout.response_lengths),
                 supervised_tokens=int(count), samples=rows,
                 model_flops=self.rollout_flops(rollout) + epochs_done * self.update_flops(rollout))

@@ -208,6 +208,7 @@ class LanguageModelStage(Stage):
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
         lengths = document_lengths(batch["doc_ids"])
         return BatchStats(
+            computed_tokens=batch["input_ids"].numel(),
             input_tokens=int(lengths.sum()),
             supervised_tokens=self.loss_weight(batch),
             samples=int(batch["input_ids"].shape[0]),

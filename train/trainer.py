@@ -353,8 +353,9 @@ class Trainer:
     def _stop_for_preemption(self) -> None:
         """Every rank has finished the same step: save it (unless just saved) and exit for the launcher to requeue.
         The window since the last log step ends first: its counts go into the checkpoint, its steps are checked."""
-        if self.saved_step != self.state.global_step:
+        if self.metrics.window_open:
             self._end_window()
+        if self.saved_step != self.state.global_step:
             self._save()
         if distributed.is_main():
             print(f"stopping at step {self.state.global_step} on {self.preemption.signal_name()}: checkpoint saved, "
