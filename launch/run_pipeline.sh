@@ -25,3 +25,4 @@ for stage in "${stages[@]}"; do
   bash "launch/run_${stage}.sh" --out_root "$OUT_ROOT" --start_over "${stage_flags[@]}" "$@"
 done
 PATH="$PWD/.venv/bin:$PATH" python -m train.summary "$OUT_ROOT" "${stages[@]}"
+PATH="$PWD/.venv/bin:$PATH" python -m train.report "$OUT_ROOT" --stages "${stages[@]}"

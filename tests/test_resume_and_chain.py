@@ -6,12 +6,15 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pytest
 from safetensors.torch import load_file
 
-from tests.launch import CONTRACT, read_metrics, read_run_config, run_launch_script, run_stage
+from tests.launch import CONTRACT, REPO_ROOT, read_metrics, read_run_config, run_launch_script, run_stage
 from train.config import parse_config
 from train.exports import resolve_from_weight
 
@@ -92,6 +95,11 @@ def test_stage_chain_starts_each_stage_from_the_previous_export(tmp_path):
     common = [*SHORT_RUN, "--max_steps", "2", "--save_interval", "0", "--out_root", str(tmp_path)]
     for stage in ("pretrain", "midtrain", "sft"):
         run_stage(stage, tmp_path / stage, *common, world_size=1, zero="0")
+    report = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    assert report.stdout.strip() == f"wrote {tmp_path / 'report.png'} (pretrain, midtrain, sft)"
+    page = mpimg.imread(tmp_path / "report.png")
+    assert page.shape[:2] == (1300, 1100) and page.std() > 0.01  # five panels drawn, not a blank page
     for stage, previous in (("midtrain", "pretrain"), ("sft", "midtrain")):
         config = read_run_config(tmp_path / stage)
         assert config["from_weight_path"] == str(tmp_path / previous / "export")

@@ -286,6 +286,7 @@ class Trainer:
         state = self.state
         steps_per_epoch = self.epoch_steps[state.epoch]
         record["train/epoch"] = state.epoch + state.epoch_step / steps_per_epoch
+        record["system/unix_time"] = int(time.time())  # when the line was written: one time axis for a pipeline
         record.update({"progress/epoch_index": state.epoch, "progress/epochs": self.cfg.epochs,
                        "progress/epoch_step": state.epoch_step, "progress/steps_per_epoch": steps_per_epoch,
                        "data/skipped_records": sum(self.data.skipped_records.values())})
