@@ -76,6 +76,7 @@ class TrainConfig:
     throughput_warmup_steps: int = field(default=2, metadata={"help": "first optimizer steps left out of the rate windows"})
     peak_tflops: Optional[float] = field(default=None, metadata={"help": "per-device peak TFLOP/s for MFU (overrides the device table)"})
     metrics: bool = field(default=True, metadata={"help": "collect and log metrics (off only for overhead benchmarks)"})
+    verbose: bool = field(default=False, metadata={"help": "also print the libraries' deprecation warnings (torch.distributed calls made inside DeepSpeed), hidden by default"})
     use_wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (offline when no API key is configured)"})
     wandb_project: str = field(default="zerostage", metadata={"help": "W&B project"})
     wandb_run_name: str = field(default="", metadata={"help": "W&B run name (default: stage-zeroN-wsW)"})

@@ -114,7 +114,7 @@ def claim_on_rank0(cfg: TrainConfig, out_dir: Path) -> Optional[RunDirLock]:
 RESUMABLE_CHANGES = ("learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "log_interval",
                      "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "nonfinite", "metrics",
                      "use_wandb", "wandb_project", "wandb_run_name", "throughput_warmup_steps", "peak_tflops",
-                     "grad_clip", "critic_learning_rate", "use_prepared", "compile")
+                     "grad_clip", "critic_learning_rate", "use_prepared", "compile", "verbose")
 # Options that name a thing by path, or only say how this process starts: compared through what they resolve to.
 NOT_COMPARED = ("from_resume", "start_over", "local_rank", "out_dir", "out_root", "from_weight", "model",
                 "data_config", "tokenizer", "deepspeed", "backend", "allow_tokenizer_change", "reward_model")
@@ -137,9 +137,9 @@ def check_resume(saved: Optional[dict], identity: dict, cfg: TrainConfig, where:
     old_train, new_train = saved["train"], cfg.to_dict()
     different += [f"{name}: {old_train.get(name)!r} -> {value!r}" for name, value in new_train.items()
                   if name not in RESUMABLE_CHANGES + NOT_COMPARED and name not in identity
-                  and old_train.get(name) != value]
+                  and name in old_train and old_train[name] != value]  # an option newer than the save: not compared
     if different:
         raise ConfigError(f"--from_resume: this is not the run saved in {where}; these differ: {'; '.join(different)}. "
                           f"Resume with the saved settings, or start a new run (another --out_dir, or --start_over)")
-    return [f"{name}: {old_train.get(name)!r} -> {value!r}" for name, value in new_train.items()
-            if name in RESUMABLE_CHANGES and old_train.get(name) != value]
+    return [f"{name}: {old_train[name]!r} -> {value!r}" for name, value in new_train.items()
+            if name in RESUMABLE_CHANGES and name in old_train and old_train[name] != value]

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +80,10 @@ class TrainState:
 class Trainer:
     def __init__(self, stage: Stage, cfg: TrainConfig):
         self.stage, self.cfg = stage, cfg
+        if not cfg.verbose:
+            # DeepSpeed's ZeRO 1-3 call torch.distributed collectives torch has deprecated: one warning per rank and
+            # call site, which is not the user's to act on. --verbose shows them.
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         distributed.init_distributed()
         self.preemption = PreemptionWatch()  # before the heavy set-up: a signal during it is honoured too
         seed_everything(cfg.seed)
