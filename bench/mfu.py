@@ -5,7 +5,7 @@
 
 Part 1 trains --timed_steps steps (after the throughput warm-up) through the trainer's own loop and reports the
 MFU it logs: model FLOPs (train/flops.py, attention included) per second over the peak train/peak_flops.py measures
-(the best 1024^3 GEMM rate of the training dtype on this process's threads, cached as the best seen).
+(the best 512^3-2048^3 GEMM rate of the training dtype on this process's threads, cached as the best seen).
 Part 2 profiles --profiled_steps more steps with torch.profiler and splits their host time by operator kind:
 GEMMs (mm, addmm, bmm: the work MFU counts, and the rate they themselves reach), attention, the optimizer and the
 rest (norms, rotary, activations, cross-entropy, copies), so a gap to the target names its cause.
