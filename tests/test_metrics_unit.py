@@ -178,6 +178,8 @@ def test_a_last_value_metric_is_the_last_steps_and_null_when_its_update_was_skip
     metrics.set_last("critic/grad_norm", torch.tensor(float("nan")))
     assert metrics.collect(global_step=4, learning_rate=1e-3)["critic/grad_norm"] is None
     assert capsys.readouterr().err.count("critic/grad_norm unknown") == 1
+    add_step(metrics, 1.0, 10)  # a window whose steps set no value: the key is absent, not the last window's again
+    assert "critic/grad_norm" not in metrics.collect(global_step=5, learning_rate=1e-3)
 
 
 def test_phase_times_are_the_mean_per_step_of_host_clock_marks():

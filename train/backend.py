@@ -35,17 +35,18 @@ class Update:
 class TrainedModel:
     """A model being trained on this rank: `module` is the whole model's structure (its parameters may be shards)."""
     module: torch.nn.Module
+    runner: object  # what forwards and train/eval go through: the DeepSpeed engine (its hooks), else the module
     grad_norm_source: str  # where Update.grad_norm comes from, for run_config.json
     peak_learning_rate: float  # this run's --learning_rate: a resumed schedule takes it over the checkpoint's
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return self.runner(*args, **kwargs)
 
     def train(self) -> None:
-        self.module.train()
+        self.runner.train()
 
     def eval(self) -> None:
-        self.module.eval()
+        self.runner.eval()
 
     @property
     def learning_rate(self) -> float:
@@ -119,9 +120,7 @@ class Backend:
         return model
 
     def optimizer(self, groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-        fused = torch.cuda.is_available()
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
-                                 foreach=not fused)
+        return adamw(groups, cfg, fused=torch.cuda.is_available())
 
     def trained(self, model, optimizer, scheduler) -> TrainedModel:
         raise NotImplementedError
@@ -158,6 +157,12 @@ def resolve_dtype(requested: str) -> str:
     if not torch.cuda.is_available():
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def adamw(groups: list[dict], cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """torch's AdamW with the run's rate and betas: the fused kernel, or the multi-tensor one."""
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
+                             foreach=not fused)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

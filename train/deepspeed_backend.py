@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from train import distributed
-from train.backend import Backend, TrainedModel, Update, restore_peak_learning_rate
+from train.backend import Backend, TrainedModel, Update, adamw, restore_peak_learning_rate
 from train.config import ConfigError, TrainConfig
 
 _AUTO = "auto"
@@ -164,9 +164,7 @@ class DeepSpeedBackend(Backend):
                                     adamw_mode=True)
         # ZeRO-0 fp32 steps this optimizer itself: the fused kernel lets DeepSpeedModel.step skip a non-finite update
         # on the device (found_inf), which DeepSpeed's ZeRO 1-3 optimizers do themselves.
-        fused = torch.cuda.is_available() or self.zero_stage == 0
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
-                                 foreach=not fused)
+        return adamw(groups, cfg, fused=torch.cuda.is_available() or self.zero_stage == 0)
 
     def trained(self, model, optimizer, scheduler) -> "DeepSpeedModel":
         import deepspeed
@@ -193,19 +191,11 @@ class DeepSpeedBackend(Backend):
 class DeepSpeedModel(TrainedModel):
     def __init__(self, engine, world_size: int, partitioned: bool):
         self.engine, self.module, self.world_size, self.partitioned = engine, engine.module, world_size, partitioned
+        self.runner = engine
         # ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not.
         self.reports_grad_norm = hasattr(engine.optimizer, "_global_grad_norm")
         self.grad_norm_source = ("DeepSpeed's get_global_grad_norm()" if self.reports_grad_norm
                                  else "own float64 norm of the full gradients")
-
-    def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
-
-    def train(self) -> None:
-        self.engine.train()
-
-    def eval(self) -> None:
-        self.engine.eval()
 
     @property
     def learning_rate(self) -> float:

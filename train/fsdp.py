@@ -81,6 +81,7 @@ class FSDPModel(TrainedModel):
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler, world_size: int, grad_clip: float):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
+        self.runner = module
         self.world_size, self.grad_clip = world_size, grad_clip
         self.micro_steps = 0  # backward passes, and applied updates: saved with the checkpoint
         self.global_steps = 0

@@ -115,7 +115,7 @@ class MetricsTracker:
         self.epoch_seconds = 0.0
         self.epoch_clock = time.perf_counter()
         self.rate_totals = {"tokens": 0.0, "flops": 0.0, "seconds": 0.0}
-        self.last_values: dict[str, Optional[torch.Tensor]] = {}  # name -> the window's last step's value
+        self.last_values: dict[str, Optional[torch.Tensor]] = {}  # name -> the window's last step's value, or None
         self.phases: list = []  # (name, start mark, end mark) of the window, read at the next collect
         # ETA: evaluations and checkpoints still to come, at the mean duration measured so far in this process.
         self.intervals = {"eval": eval_interval, "save": save_interval}
@@ -363,7 +363,7 @@ class MetricsTracker:
             if record[name] is None:
                 self.warn_once(f"last_{name}", f"{name} unknown at step {global_step} (its update was skipped or not "
                                                f"finite): logged as null")
-        self.phases = []
+        self.phases, self.last_values = [], {}
 
         self.window = _Window()
         if self.rate_window_start is not None:

@@ -46,8 +46,7 @@ class RunDirLock:
 
     def __init__(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / LOCK_FILE
-        self.file = open(self.path, "a+")
+        self.file = open(out_dir / LOCK_FILE, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
