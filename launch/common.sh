@@ -1,6 +1,9 @@
 # Shared by the launch/run_*.sh scripts: start a stage under the deepspeed launcher, or torchrun for FSDP.
 #   BACKEND      deepspeed (default) | fsdp (PyTorch FSDP2 under torchrun; ZERO_STAGE is not read)
 #   NUM_GPUS     ranks on this node (default: every GPU; 2 CPU processes when there is no GPU)
+#   CUDA_VISIBLE_DEVICES  the GPUs to use (e.g. 2,3; NUM_GPUS=1 takes the first); the deepspeed launcher gets them
+#                as --include localhost:2,3 (it ignores the variable beside --num_gpus)
+#   ALLOW_CPU    1: run CPU ranks even though nvidia-smi lists GPUs that torch cannot use (otherwise an error)
 #   ZERO_STAGE   0 | 1 | 2 | 3 | 2_offload | 3_offload (default 2) -> ds_configs/zero${ZERO_STAGE}.json
 #   MASTER_PORT  rendezvous port (default 29500)
 # Extra arguments go to the stage script unchanged (they override its defaults and any --config YAML).
@@ -8,6 +11,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 if [ -x "$REPO_ROOT/.venv/bin/deepspeed" ]; then PATH="$REPO_ROOT/.venv/bin:$PATH"; fi
+source "$REPO_ROOT/launch/probe.sh"
 
 launch_stage() {
   local stage="$1"; shift
@@ -17,7 +21,7 @@ launch_stage() {
     exit 2
   fi
   local gpus
-  gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  gpus=$(usable_gpus) || exit 2
   if [ "$gpus" -eq 0 ]; then
     export DS_ACCELERATOR=cpu
     NUM_GPUS="${NUM_GPUS:-2}"
@@ -25,6 +29,10 @@ launch_stage() {
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NUM_GPUS > 0 ? $(nproc) / NUM_GPUS : 1 ))}"
   else
     NUM_GPUS="${NUM_GPUS:-$gpus}"
+    if [ "$NUM_GPUS" -gt "$gpus" ]; then
+      echo "NUM_GPUS=$NUM_GPUS: torch sees only $gpus GPU(s)${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}; set NUM_GPUS <= $gpus or unset it" >&2
+      exit 2
+    fi
   fi
   case "${BACKEND:-deepspeed}" in
     fsdp)
@@ -33,7 +41,20 @@ launch_stage() {
     deepspeed)
       local ds_config="ds_configs/zero${ZERO_STAGE:-2}.json"
       [ -f "$ds_config" ] || { echo "ZERO_STAGE=${ZERO_STAGE}: no $ds_config (choices: $(ls ds_configs | tr '\n' ' '))" >&2; exit 2; }
-      exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+      local ranks=(--num_gpus "$NUM_GPUS") devices
+      if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        # The launcher drops CUDA_VISIBLE_DEVICES beside --num_gpus and takes GPUs 0..N-1; --include names the
+        # devices (the launcher's own --include, when given neither flag, would take all of them, not NUM_GPUS).
+        if ! [[ "$CUDA_VISIBLE_DEVICES" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+          echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: the deepspeed launcher takes GPU indices (e.g. 2,3), not" \
+            "UUIDs or MIG names; give indices, or use BACKEND=fsdp (torchrun keeps CUDA_VISIBLE_DEVICES as it is)" >&2
+          exit 2
+        fi
+        IFS=, read -r -a devices <<< "$CUDA_VISIBLE_DEVICES"
+        devices=("${devices[@]:0:NUM_GPUS}")
+        ranks=(--include "localhost:$(IFS=,; echo "${devices[*]}")")
+      fi
+      exec deepspeed "${ranks[@]}" --master_port "${MASTER_PORT:-29500}" \
         "train/${stage}.py" --deepspeed "$ds_config" "$@" ;;
     *) echo "BACKEND=${BACKEND}: use deepspeed or fsdp" >&2; exit 2 ;;
   esac

@@ -38,7 +38,8 @@ SHORT_RUN = ["--model", "tiny", "--max_steps", "6", "--log_interval", "2", "--ev
 # Variables of the submitting shell that would leak into the job (sbatch passes the environment on).
 LEAKY = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "STAGE", "ZERO_STAGE",
          "DS_CONFIG", "OUT_ROOT", "OUT_DIR", "EXTRA_ARGS", "GPUS_PER_NODE", "LAUNCHER", "NUM_GPUS", "MAX_REQUEUES",
-         "REPO_ROOT", "VENV", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR"}
+         "REPO_ROOT", "VENV", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME",
+         "NCCL_SOCKET_IFNAME", "ALLOW_CPU"}
 
 
 def _skip_reason() -> str | None:
@@ -297,6 +298,7 @@ def test_single_node_two_ranks(single_node):
     _assert_completed(single_node, nodes=1)
     assert "2 ranks per node (CPU, DS_ACCELERATOR=cpu)" in single_node.text
     assert "launcher deepspeed" in single_node.text
+    assert "] network:" not in single_node.text  # one node: the ranks' interfaces are left alone
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
@@ -310,10 +312,28 @@ def test_two_nodes_one_rank_each(cluster, single_node, launcher):
         assert re.search(rf"\[node {rank} .*\] launching: {launcher} .*{node_rank.format(rank)}", run.text), \
             run.text[-3000:]
         assert re.search(rf"\[node {rank} .*\] launcher exited with 0", run.text)
+        # Each node picks the interface of its route to MASTER_ADDR (loopback here: both nodes are this host).
+        assert re.search(rf"\[node {rank} .*\] network: MASTER_ADDR=127\.0\.0\.1 \(127\.0\.0\.1\) reached through "
+                         rf"lo \(127\.0\.0\.1\): GLOO_SOCKET_IFNAME=lo \(from the route\) NCCL_SOCKET_IFNAME=lo \(from "
+                         rf"the route\)", run.text), run.text[-3000:]
     assert f"nodes 2: {cluster.nodes[0]} {cluster.nodes[1]}; rendezvous 127.0.0.1:" in run.text
     reference = {r["train/global_step"]: r["train/loss"] for r in single_node.metrics()}
     for record in run.metrics():
         assert record["train/loss"] == pytest.approx(reference[record["train/global_step"]], rel=1e-5)
+
+
+def test_gpus_torch_cannot_use_fail_the_job(cluster, tmp_path):
+    """A node where nvidia-smi lists GPUs but torch uses none (here: a stub nvidia-smi beside the CPU-only torch)
+    ends the job at once with the reason, instead of training on CPU ranks."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-00000000)"\n')
+    (stubs / "nvidia-smi").chmod(0o755)
+    run = _run_to_end(cluster, "unusable-gpus", {"PATH": f"{stubs}:{cluster.env['PATH']}"}, [], SHORT_RUN)
+    assert run.info["JobState"] == "FAILED" and run.info["ExitCode"] == "2:0", f"{run.info}\n{_tail(run.log)}"
+    assert "nvidia-smi lists 1 GPU(s) but torch cannot use them (torch.cuda.device_count() is 0 with " in run.text
+    assert "ERROR: GPUs that torch cannot use (the line above); ALLOW_CPU=1 runs on CPU anyway" in run.text
+    assert "launching:" not in run.text
 
 
 @pytest.fixture(scope="module")

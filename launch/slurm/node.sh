@@ -7,6 +7,10 @@
 # From the environment (train.sbatch sets all of them): LAUNCHER (deepspeed | torchrun), GPUS_PER_NODE,
 # ZS_HOSTS (the allocation's nodes in node-rank order), MASTER_ADDR, MASTER_PORT; SLURM_NODEID, SLURM_JOB_ID.
 #
+# Network. On more than one node, GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (each one not set by the user) become
+# the interface this node reaches MASTER_ADDR through (launch/probe.sh), logged in one line. One node leaves them
+# alone: its ranks talk to each other on this host, which works over any local interface, loopback included.
+#
 # Signals. SLURM delivers a step signal to every process of the step, and neither the deepspeed launcher nor
 # torchrun handles SIGUSR1 (its default action kills them), so train.sbatch relays its SIGUSR1 warning to the
 # step as SIGURG, whose default action is to ignore it: only this script acts on it, and sends SIGUSR1 to the
@@ -21,6 +25,8 @@ launcher="${LAUNCHER:-deepspeed}"
 read -r -a hosts <<< "${ZS_HOSTS:?}"
 nnodes="${#hosts[@]}"
 log() { echo "[node $node_rank $(hostname -s) $(date +%T)] $*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../probe.sh"
+if [ "$nnodes" -gt 1 ]; then select_network_interface log "$MASTER_ADDR"; fi
 
 # A rank's RANK/LOCAL_RANK come from the launcher; stale values from the submitting shell would only confuse it
 # (and the search for rank processes below).
