@@ -6,7 +6,6 @@ import pytest
 from train.config import ConfigError, parse_config
 from train.backend import lr_lambda
 from train.deepspeed_backend import build_ds_config
-from train.peak_flops import GPU_PEAKS, identify_gpu
 
 DEFAULTS = dict(stage="sft", data_config="config/data/posttrain/sft/general.yaml")
 
@@ -90,29 +89,3 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert multiplier(100) == pytest.approx(0.1)
     values = [multiplier(s) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-@pytest.mark.parametrize("name,sms,memory,expected", [
-    ("NVIDIA H100 80GB HBM3", 132, 80, "h100-sxm"),
-    ("NVIDIA H100 PCIe", 114, 80, "h100-pcie"),
-    ("NVIDIA H100", 114, 80, "h100-pcie"),
-    ("NVIDIA H100", 132, 80, "h100-sxm"),
-    ("NVIDIA H100 NVL", 132, 94, "h100-nvl"),
-    ("NVIDIA H200", 132, 141, "h200-sxm"),
-    ("NVIDIA A100-SXM4-80GB", 108, 80, "a100"),
-    ("NVIDIA A10G", 80, 24, "a10g"),
-    ("NVIDIA L4", 58, 24, "l4"),
-    ("NVIDIA L40S", 142, 48, "l40s"),
-    ("Tesla T4", 40, 16, "t4"),
-    ("Tesla V100-SXM2-32GB", 80, 32, "v100-sxm"),
-    ("NVIDIA GeForce RTX 4090", 128, 24, "rtx4090"),
-    ("AMD Instinct MI300X", 304, 192, "mi300x"),
-])
-def test_gpu_names_map_to_their_peak_rows(name, sms, memory, expected):
-    assert identify_gpu(name, sms, memory) == expected
-    assert GPU_PEAKS[expected]
-
-
-def test_unknown_gpu_is_none_not_a_default():
-    assert identify_gpu("Some Future Accelerator X1", 100, 64) is None
-    assert identify_gpu("NVIDIA H100", 120, 80) is None  # SM count fits no known variant
