@@ -1,4 +1,4 @@
-"""Rollouts: generated tokens/s with the KV cache and without it, and the share of a PPO step spent in rollouts.
+"""Rollouts: generated tokens/s with the KV cache and without it, and where a PPO step's time goes, phase by phase.
 
     OMP_NUM_THREADS=2 .venv/bin/python -m bench.rollout [--model small --max_new_tokens 64] [--from_weight DIR]
 
@@ -8,9 +8,10 @@ in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (te
 they do the same work but for the cache. Each path decodes once to warm up, then --repeats times, the order
 alternating; the figures are medians.
 
-PPO share: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-2, rule reward, the
-same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean of
-system/rollout_time_s / system/step_time_s over its timed steps. Without --from_weight the policy is the preset
+PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-2, rule reward, the
+same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean
+share of each timing/<phase>_s in system/step_time_s over its timed steps, and the phases' rates (perf/*:
+generation's tokens/s and memory-bandwidth utilisation, each phase's MFU). Without --from_weight the policy is the preset
 untrained: it rarely says EOS, so every answer runs to --max_new_tokens, the most rollout work a step can have.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def compare_decoding(model, prompts, args, tokenizer) -> None:
     print(f"  KV cache / no cache: {cached / uncached:.2f}x")
 
 
-def ppo_rollout_share(weights: Path, args, out_dir: Path) -> None:
+def ppo_phases(weights: Path, args, out_dir: Path) -> None:
     env = {**os.environ, "NUM_GPUS": "1", "ZERO_STAGE": "2", "MASTER_PORT": str(free_port())}
     command = ["bash", "launch/run_ppo.sh", "--from_weight", str(weights), "--out_dir", str(out_dir),
                "--reward", "rule", "--batch_size", str(args.prompts), "--max_new_tokens", str(args.max_new_tokens),
@@ -80,14 +81,18 @@ def ppo_rollout_share(weights: Path, args, out_dir: Path) -> None:
         raise SystemExit(f"{run.stdout[-6000:]}\nthe PPO run failed (exit {run.returncode}): {' '.join(command)}")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["system/step_time_s"] is not None]
-    shares = [r["system/rollout_time_s"] / r["system/step_time_s"] for r in timed]
-    print(f"PPO ({args.ppo_steps} steps of {args.prompts} prompts, the first untimed): step time "
-          f"{statistics.mean(r['system/step_time_s'] for r in timed):.2f} s, rollouts "
-          f"{statistics.mean(r['system/rollout_time_s'] for r in timed):.2f} s, answers "
-          f"{statistics.mean(r['rollout/response_length'] for r in timed):.1f} tokens")
-    print(f"  rollout share of the step: mean {100 * statistics.mean(shares):.1f}% "
-          f"(steps: {' '.join(f'{100 * share:.1f}' for share in shares)}); data wait "
+    step_time = statistics.mean(r["system/step_time_s"] for r in timed)
+    print(f"PPO ({args.ppo_steps} steps of {args.prompts} prompts, the first untimed): step time {step_time:.2f} s, "
+          f"answers {statistics.mean(r['rollout/response_length'] for r in timed):.1f} tokens, data wait "
           f"{statistics.mean(r['system/data_wait_percent'] for r in timed):.2g}%")
+    phases = [key for key in timed[0] if key.startswith("timing/")]
+    for key in phases:
+        seconds = statistics.mean(r[key] for r in timed)
+        print(f"  {key[len('timing/'):-2]:<9} {seconds:6.2f} s  {100 * seconds / step_time:5.1f}% of the step")
+    for key in ("perf/generate_tokens_per_second", "perf/generate_mbu_percent", "perf/generate_mfu_percent",
+                "perf/reference_mfu_percent", "perf/update_mfu_percent", "train/mfu_percent"):
+        values = [r[key] for r in timed if r.get(key) is not None]
+        print(f"  {key}: {statistics.mean(values):.3g}" if values else f"  {key}: null")
 
 
 def main() -> None:
@@ -109,7 +114,7 @@ def main() -> None:
     if args.ppo_steps:
         with tempfile.TemporaryDirectory(prefix="bench_rollout_") as scratch:
             weights = Path(args.from_weight) if args.from_weight else save_pretrained(model, Path(scratch) / "policy")
-            ppo_rollout_share(weights, args, Path(scratch) / "ppo")
+            ppo_phases(weights, args, Path(scratch) / "ppo")
 
 
 if __name__ == "__main__":

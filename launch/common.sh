@@ -13,6 +13,21 @@ cd "$REPO_ROOT"
 if [ -x "$REPO_ROOT/.venv/bin/deepspeed" ]; then PATH="$REPO_ROOT/.venv/bin:$PATH"; fi
 source "$REPO_ROOT/launch/probe.sh"
 
+# The deepspeed launcher's own INFO lines (its command, world info, every spawn and exit) and its single-node
+# "no hostfile" warning are not the run's; its errors (a rank that died) stay. The stage's --verbose shows them all.
+launcher_log_level() {
+  local level=error previous=""
+  for arg in "$@"; do
+    case "$arg" in
+      --verbose|--verbose=true|--verbose=1) level=info ;;
+      --verbose=*) level=error ;;
+      false|0) if [ "$previous" = --verbose ]; then level=error; fi ;;
+    esac
+    previous="$arg"
+  done
+  echo "$level"
+}
+
 launch_stage() {
   local stage="$1"; shift
   if [ -n "${NUM_GPUS:-}" ] && ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
@@ -54,7 +69,7 @@ launch_stage() {
         devices=("${devices[@]:0:NUM_GPUS}")
         ranks=(--include "localhost:$(IFS=,; echo "${devices[*]}")")
       fi
-      exec deepspeed "${ranks[@]}" --master_port "${MASTER_PORT:-29500}" \
+      exec deepspeed "${ranks[@]}" --log_level "$(launcher_log_level "$@")" --master_port "${MASTER_PORT:-29500}" \
         "train/${stage}.py" --deepspeed "$ds_config" "$@" ;;
     *) echo "BACKEND=${BACKEND}: use deepspeed or fsdp" >&2; exit 2 ;;
   esac

@@ -88,6 +88,23 @@ def generation_flops(config: ModelConfig, prompt_lengths, response_lengths, caus
     return total
 
 
+def generation_bytes_read(config: ModelConfig, rows: int, prompt_width: int, new_columns: int,
+                          bytes_per_element: int) -> int:
+    """Memory traffic of one batched KV-cache generation (model/generate.py) as MBU counts it: every forward
+    reads the weights once (the embedding table only through the LM head, which reads it whole) and the keys and
+    values it attends to. The batch runs as laid out: `rows` left-padded to `prompt_width`, a prefill, then one
+    forward per generated column but the last over every row, finished or padded ones included. Activations and
+    the cache writes (one position per forward) are left out. Dense models only: which experts a decode step
+    reads depends on its routing."""
+    if config.use_moe:
+        raise ValueError("generation_bytes_read: a mixture-of-experts decode step reads the experts its tokens "
+                         "route to, which the config alone does not tell")
+    weights = num_params(config) - (0 if config.tie_embeddings else config.vocab_size * config.hidden_size)
+    kv_per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    contexts = [prompt_width + step for step in range(max(new_columns, 1))]  # prefill at P, decode at P + 1, …
+    return bytes_per_element * (len(contexts) * weights + kv_per_position * rows * sum(contexts))
+
+
 def training_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:
     """Forward + backward FLOPs: 3 × forward."""
     return 3 * forward_flops(config, doc_lengths, causal)

@@ -7,6 +7,7 @@ The batches are padded rows of varying width, as SFT/DPO's trimmed batches are: 
 """
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer, generate
 from train import distributed
 from train.backend import build_backend, unwrap
-from train.compile import trace_count
+from train.compile import compile_seconds, trace_count
 from train.config import TrainConfig
 
 WIDTHS = (40, 40, 24, 56)  # one static compile, then one retrace with the width dynamic
@@ -35,14 +36,17 @@ def train(compile: bool, backend: str) -> dict:
     cfg = TrainConfig(data_config="unused", compile=compile, batch_size=ROWS, learning_rate=1e-3,
                       warmup_ratio=0.0, backend=backend, deepspeed="ds_configs/zero2.json")
     engine = build_backend(cfg, 1).wrap(model, cfg, total_steps=len(WIDTHS))
-    losses, norms = [], []
+    losses, norms, step_seconds, compiling = [], [], [], []
     for input_ids, doc_ids, labels in batches():
+        started, compiled_before = time.perf_counter(), compile_seconds()
         logits = engine(input_ids, doc_ids=doc_ids).logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         engine.backward(loss)
         update = engine.step()
         losses.append(loss.item())
         norms.append(float(update.grad_norm))
+        step_seconds.append(time.perf_counter() - started)
+        compiling.append(compile_seconds() - compiled_before)
     traces_after_training = trace_count()
     tokens = eval_difference = traces_after_generation = None
     if backend == "deepspeed":  # the rollout path (train/rollout.py generates with the trained module itself)
@@ -56,7 +60,8 @@ def train(compile: bool, backend: str) -> dict:
             engine.eval(), eager.eval()
             difference = (engine(input_ids, doc_ids=doc_ids).logits - eager(input_ids, doc_ids=doc_ids).logits)
             eval_difference = float(difference.abs().max())
-    return {"loss": losses, "grad_norm": norms, "traces_after_training": traces_after_training,
+    return {"loss": losses, "grad_norm": norms, "step_seconds": step_seconds, "compile_seconds": compiling,
+            "traces_after_training": traces_after_training,
             "traces_after_generation": traces_after_generation, "tokens": tokens,
             "eval_logits_max_difference": eval_difference, "traces_at_end": trace_count()}
 

@@ -60,6 +60,14 @@ def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: 
     return run_command(command, full_env, port, check, timeout)
 
 
+def rank_pid(out_dir: Path, rank: int) -> int:
+    """The pid of one rank of a launcher's run (the run that writes to out_dir)."""
+    pattern = f"--local_rank={rank} .*--out_dir {out_dir}( |$)"
+    pids = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, (pattern, pids)
+    return int(pids[0])
+
+
 def start(command: list[str], env: dict) -> subprocess.Popen:
     """A launcher in its own session (os.killpg reaches its ranks), its output on one pipe."""
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

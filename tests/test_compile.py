@@ -57,6 +57,17 @@ def test_width_changes_retrace_once_and_generation_stays_eager(runs):
     assert compiled["tokens"]["compiled"] == compiled["tokens"]["eager"]
 
 
+def test_the_compile_clock_holds_the_retrace_and_nothing_else(runs):
+    """What train/metrics.py leaves out of a rate window (system/compile_time_s): the time of the step that retraces
+    is mostly compiling, against the host clock around the step; a step that reuses a graph compiles nothing."""
+    compiled, eager = runs["compiled_zero2"], runs["eager_zero2"]
+    assert eager["compile_seconds"] == [0.0] * STEPS
+    retrace, reuse = compiled["compile_seconds"][2], compiled["compile_seconds"][3]  # widths 24 (dynamic), then 56
+    assert 0 < retrace < compiled["step_seconds"][2]
+    assert compiled["step_seconds"][2] - retrace < 3 * compiled["step_seconds"][3]  # the rest: about a plain step
+    assert reuse == 0.0
+
+
 def test_compiled_evaluation_matches_eager_copy(runs):
     compiled = runs["compiled_zero2"]
     assert compiled["eval_logits_max_difference"] < 1e-4  # logits of order 1

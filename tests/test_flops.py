@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ModelConfig, Transformer, attention_flops, forward_flops, generate, generation_flops, training_flops
+from model import (KVCache, ModelConfig, Transformer, attention_flops, forward_flops, generate, generation_bytes_read,
+                   generation_flops, training_flops)
 
 # (preset, batch, seq_len): the larger presets run short sequences to stay fast.
 CASES = [("tiny", 2, 64), ("small", 1, 32), ("tiny-moe", 2, 64), ("moe", 1, 32)]
@@ -75,3 +76,29 @@ def test_generation_flops_match_flop_counter(preset):
     assert generation.lengths.tolist() == [new_tokens]
     analytic = generation_flops(model.config, [23], [new_tokens], causal=False)
     assert counter.get_total_flops() == analytic
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_generation_bytes_read_match_the_tensors_a_real_generation_reads(tied):
+    """MBU's numerator against the generation itself: the bytes of every parameter the forwards use (the embedding
+    table only as the tied LM head) once per forward, plus the keys and values each layer's attention gets back
+    from the cache, with left padding and a row that stops early."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", attn_impl="math", tie_embeddings=tied))
+    forwards, kv_bytes = [], []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    update = KVCache.update
+
+    def counting_update(cache, layer, k, v):
+        keys, values = update(cache, layer, k, v)
+        kv_bytes.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
+        return keys, values
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVCache, "update", counting_update)
+        generation = generate(model, prompts, 7, temperature=1.0, eos_token_id=int(model.config.vocab_size // 2))
+    read_weights = [p for name, p in model.named_parameters() if tied or name != "embed.weight"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in read_weights)
+    measured = len(forwards) * weight_bytes + sum(kv_bytes)
+    assert generation_bytes_read(model.config, len(prompts), 5, generation.tokens.shape[1], 4) == measured

@@ -17,7 +17,8 @@ from tests.launch import REPO_ROOT
 PORT = "29555"
 
 
-def launch(tmp_path: Path, torch_gpus: str, listed_gpus: int = 0, **env: str) -> tuple[subprocess.CompletedProcess, list[str], dict]:
+def launch(tmp_path: Path, torch_gpus: str, listed_gpus: int = 0, stage_args: tuple = ("--max_steps", "1"),
+           **env: str) -> tuple[subprocess.CompletedProcess, list[str], dict]:
     """`launch_stage sft --max_steps 1` with stubs first on PATH (set after common.sh prepends .venv/bin): python
     answers the GPU probe with `torch_gpus` ("fail": torch does not import), nvidia-smi lists `listed_gpus`, and the
     launcher stub records its argv and the variables it was started with. Returns the result, the launcher's
@@ -38,14 +39,14 @@ def launch(tmp_path: Path, torch_gpus: str, listed_gpus: int = 0, **env: str) ->
                                "DS_ACCELERATOR")}
     full_env.update(STUBS=str(stubs), MASTER_PORT=PORT, **env)
     result = subprocess.run(["bash", "-c", 'source launch/common.sh; PATH="$STUBS:$PATH"; launch_stage sft "$@"',
-                             "_", "--max_steps", "1"], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                             "_", *stage_args], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
                             timeout=60)
     argv = argv_file.read_text().splitlines() if argv_file.exists() else []
     started_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines()) if env_file.exists() else {}
     return result, argv, started_env
 
 
-DEEPSPEED_TAIL = ["--master_port", PORT, "train/sft.py", "--deepspeed", "ds_configs/zero2.json", "--max_steps", "1"]
+DEEPSPEED_TAIL = ["--log_level", "error", "--master_port", PORT, "train/sft.py", "--deepspeed", "ds_configs/zero2.json", "--max_steps", "1"]
 
 
 @pytest.mark.parametrize("env,torch_gpus,ranks", [
@@ -62,6 +63,26 @@ def test_deepspeed_gets_the_visible_gpus_by_index(tmp_path, env, torch_gpus, ran
     assert result.returncode == 0, result.stderr
     assert argv == ["deepspeed", *ranks, *DEEPSPEED_TAIL]
     assert started_env["DS_ACCELERATOR"] == "<unset>"
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_bad_num_gpus_stops_before_the_launcher(tmp_path, value):
+    result, argv, _ = launch(tmp_path, "2", NUM_GPUS=value)
+    assert result.returncode == 2, result.stderr
+    assert f"NUM_GPUS={value}: must be a whole number >= 1 (ranks on this node), or unset" in result.stderr
+    assert argv == []
+
+
+@pytest.mark.parametrize("stage_args,level", [
+    (("--max_steps", "1"), "error"), (("--verbose",), "info"), (("--verbose", "--max_steps", "1"), "info"),
+    (("--verbose", "true"), "info"), (("--verbose=1",), "info"), (("--verbose", "false"), "error"),
+    (("--verbose=false",), "error")])
+def test_the_launchers_own_info_lines_show_only_with_verbose(tmp_path, stage_args, level):
+    """The deepspeed launcher logs at INFO by default (its command, world info, each spawn and exit): the run's
+    console gets its errors only, unless the stage's --verbose asks for everything."""
+    result, argv, _ = launch(tmp_path, "0", stage_args=stage_args)
+    assert result.returncode == 0, result.stderr
+    assert argv[argv.index("--log_level") + 1] == level
 
 
 @pytest.mark.parametrize("env,torch_gpus,nproc", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.loggers import JsonlLogger, Logger, MultiLogger, console_line
-from train.metrics import BatchStats, MetricsTracker
+from train.metrics import BatchStats, MetricsTracker, Phase
 from train.trainer import finite_or_null
 
 
@@ -182,15 +182,63 @@ def test_a_last_value_metric_is_the_last_steps_and_null_when_its_update_was_skip
     assert "critic/grad_norm" not in metrics.collect(global_step=5, learning_rate=1e-3)
 
 
+def test_compiling_inside_the_rate_window_is_left_out_of_its_rates():
+    compiled = [0.0]
+    metrics = tracker(warmup_steps=0, compile_seconds=lambda: compiled[0])
+    add_step(metrics, 1.0, 10)
+    time.sleep(0.3)
+    compiled[0] += 0.25  # a recompile took 0.25 s of the 0.3 s
+    record = metrics.collect(global_step=1, learning_rate=1e-3)
+    assert record["system/compile_time_s"] == 0.25
+    assert 0.05 <= record["system/step_time_s"] < 0.2
+    add_step(metrics, 1.0, 10)
+    time.sleep(0.1)
+    record = metrics.collect(global_step=2, learning_rate=1e-3)  # the next window starts from the new total
+    assert record["system/compile_time_s"] == 0.0 and record["system/step_time_s"] >= 0.1
+    assert "system/compile_time_s" not in tracker(warmup_steps=0).collect(global_step=1, learning_rate=1e-3)
+
+
 def test_phase_times_are_the_mean_per_step_of_host_clock_marks():
     metrics = tracker(warmup_steps=0)
     for start, middle, end in ((0.0, 0.5, 2.0), (10.0, 10.25, 11.0)):
         add_step(metrics, 1.0, 10)
-        metrics.add_phase("system/rollout_time_s", start, middle)
-        metrics.add_phase("system/train_time_s", middle, end)
+        metrics.add_phase(Phase("generate", start, middle))
+        metrics.add_phase(Phase("update", middle, end))
     record = metrics.collect(global_step=2, learning_rate=1e-3)
-    assert record["system/rollout_time_s"] == pytest.approx((0.5 + 0.25) / 2)
-    assert record["system/train_time_s"] == pytest.approx((1.5 + 0.75) / 2)
+    assert record["timing/generate_s"] == pytest.approx((0.5 + 0.25) / 2)
+    assert record["timing/update_s"] == pytest.approx((1.5 + 0.75) / 2)
+    assert not [key for key in record if key.startswith("perf/")]  # no work given, no rates
+
+
+def test_phase_rates_divide_the_rate_windows_work_by_its_phase_time():
+    """The work and seconds of the warm-up step stay out of the rates, not out of the times."""
+    metrics = tracker(warmup_steps=1, peak_flops=1e12, peak_bandwidth=1e10)
+    for seconds, flops, tokens, bytes_read in ((9.0, 5e12, 99, 9e10), (2.0, 1e12, 40, 1e10), (3.0, 2e12, 20, 2e10)):
+        metrics.add_phase(Phase("generate", 0.0, seconds, flops=flops, tokens=tokens, bytes_read=bytes_read))
+        metrics.add_phase(Phase("update", 0.0, seconds / 2, flops=3 * flops))
+        add_step(metrics, 1.0, 10)
+    record = metrics.collect(global_step=3, learning_rate=1e-3)
+    assert record["timing/generate_s"] == pytest.approx((9 + 2 + 3) / 3)  # times: every step
+    assert record["perf/generate_tokens_per_second"] == pytest.approx(60 / 5)  # rates: the last two
+    assert record["perf/generate_mfu_percent"] == pytest.approx(100 * 3e12 / 5 / 1e12)
+    assert record["perf/generate_mbu_percent"] == pytest.approx(100 * 3e10 / 5 / 1e10)
+    assert record["perf/update_mfu_percent"] == pytest.approx(100 * 9e12 / 2.5 / 1e12)
+    assert "perf/update_mbu_percent" not in record and "perf/update_tokens_per_second" not in record
+
+
+def test_phase_rates_are_null_and_announced_when_a_peak_or_the_bytes_are_unknown(capsys):
+    metrics = tracker(warmup_steps=0, peak_bandwidth=None)
+    for _ in range(2):
+        metrics.add_phase(Phase("generate", 0.0, 1.0, flops=1e9, tokens=4, bytes_read=1e9))
+        add_step(metrics, 1.0, 10)
+        assert metrics.collect(global_step=1, learning_rate=1e-3)["perf/generate_mbu_percent"] is None
+    metrics = tracker(warmup_steps=0, peak_bandwidth=1e10)
+    metrics.add_phase(Phase("generate", 0.0, 1.0, flops=1e9, tokens=4, bytes_read=float("nan")))  # MoE
+    add_step(metrics, 1.0, 10)
+    record = metrics.collect(global_step=1, learning_rate=1e-3)
+    assert record["perf/generate_mbu_percent"] is None and record["perf/generate_tokens_per_second"] == 4
+    err = capsys.readouterr().err
+    assert err.count("peak memory bandwidth unknown") == 1 and err.count("mixture-of-experts") == 1
 
 
 def test_epoch_time_leaves_out_the_time_between_windows_and_goes_on_after_a_resume():
@@ -243,3 +291,30 @@ def test_eta_adds_the_evaluations_and_checkpoints_still_to_come_at_their_measure
     record = metrics.collect(global_step=3, learning_rate=1e-3)
     # Evaluations after step 3: steps 4 and 8, and the last step (10); one checkpoint, at the end.
     assert record["train/eta_minutes"] == pytest.approx((7 * record["system/step_time_s"] + 3 * 3.0 + 1.5) / 60)
+
+
+def test_peak_memory_is_each_windows_own():
+    """CPU: the process's peak resident set of the window, against a tensor of known size made and freed in it."""
+    metrics = tracker(warmup_steps=0)
+    metrics.restart_rate_clock()
+    add_step(metrics, 1.0, 10)
+    block = torch.ones(100_000_000)  # 0.4 GB
+    del block
+    first = metrics.collect(global_step=1, learning_rate=1e-3)["system/peak_memory_gb"]
+    add_step(metrics, 1.0, 10)
+    second = metrics.collect(global_step=2, learning_rate=1e-3)
+    assert first - second["system/peak_memory_gb"] == pytest.approx(0.4, abs=0.05)
+    assert "system/peak_memory_reserved_gb" not in second  # CPU: no allocator reserve apart from the resident set
+
+
+def test_peak_memory_on_cuda_reads_allocated_and_reserved_and_resets(monkeypatch):
+    from train import metrics as metrics_module
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2.5e9)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 4e9)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    assert metrics_module.peak_memory_gb() == (2.5, 4.0)
+    metrics_module.reset_peak_memory()
+    assert calls == ["reset"]

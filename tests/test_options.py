@@ -4,12 +4,11 @@ value and what is valid.
 All of these run in process and start nothing: the checks live in TrainConfig.validate (parse_config calls it before
 the trainer exists), in build_ds_config (the trainer builds the backend first) and in ModelConfig.from_dict (before
 the Transformer is made, and the model before the data is tokenised), so no training run is needed to show that
-they come first. NUM_GPUS is the launch script's own check, before the launcher is started.
+they come first. The launch scripts' own checks (NUM_GPUS, CUDA_VISIBLE_DEVICES) are in tests/test_launch.py.
 """
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
@@ -119,37 +118,6 @@ def test_out_dir_under_a_read_only_directory_is_refused(read_only_dir):
                                                   f"writable directory")):
         parse_config(DEFAULTS, ["--out_dir", str(out_dir)])
     assert list(read_only_dir.iterdir()) == []
-
-
-# ----- NUM_GPUS -----
-def launch(tmp_path, num_gpus: str) -> tuple[subprocess.CompletedProcess, str]:
-    """launch_stage with deepspeed/torchrun/python stubs first on PATH (set after common.sh prepends .venv/bin):
-    the launcher stub records that it started, and nothing heavy runs."""
-    stubs, started = tmp_path / "bin", tmp_path / "started"
-    stubs.mkdir()
-    for name, body in (("deepspeed", f'echo "deepspeed $*" >> {started}'),
-                       ("torchrun", f'echo "torchrun $*" >> {started}'), ("python", "echo 0")):
-        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
-        (stubs / name).chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if key not in ("BACKEND", "ZERO_STAGE")}
-    env.update(NUM_GPUS=num_gpus, STUBS=str(stubs))
-    result = subprocess.run(["bash", "-c", 'source launch/common.sh; PATH="$STUBS:$PATH"; launch_stage sft'],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
-    return result, started.read_text() if started.exists() else ""
-
-
-@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
-def test_bad_num_gpus_stops_before_the_launcher(tmp_path, value):
-    result, started = launch(tmp_path, value)
-    assert result.returncode == 2, result.stderr
-    assert f"NUM_GPUS={value}: must be a whole number >= 1 (ranks on this node), or unset" in result.stderr
-    assert started == ""
-
-
-def test_valid_num_gpus_reaches_the_launcher(tmp_path):
-    result, started = launch(tmp_path, "2")
-    assert result.returncode == 0, result.stderr
-    assert started.startswith("deepspeed --num_gpus 2 ")
 
 
 # ----- DeepSpeed JSON -----

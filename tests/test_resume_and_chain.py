@@ -1,6 +1,7 @@
 """Checkpoints, resume, W&B offline and the stage chain, through real launcher runs on CPU ranks."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -78,12 +79,15 @@ def test_wandb_defaults_to_offline_and_logs_the_contract(tmp_path):
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None, "TORCH_EXTENSIONS_DIR": extensions}
     result = run_stage("sft", out_dir, *SHORT_RUN, "--from_weight", "none", "--max_steps", "3",
-                       "--save_interval", "0", "--use_wandb", world_size=1, zero="0", env=env)
+                       "--save_interval", "0", "--use_wandb", "--out_root", str(tmp_path), world_size=1, zero="0", env=env)
     assert "W&B disabled" not in result.stdout + result.stderr
     runs = list((out_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out_dir / "wandb").iterdir())
     # The offline run file stores each logged item as its key and its JSON-encoded value, in plain bytes.
     run_file = next(runs[0].glob("*.wandb")).read_bytes()
+    # One group per pipeline (the out_root), the stage as the job type: what the default out_root's stages share.
+    group = f"{tmp_path.name}-{hashlib.sha256(str(tmp_path.resolve()).encode()).hexdigest()[:8]}"
+    assert group.encode() in run_file and b"sft" in run_file
     for record in read_metrics(out_dir):
         for key, value in record.items():
             assert key.encode() in run_file, key

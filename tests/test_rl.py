@@ -28,12 +28,13 @@ from train.rollout import rule_reward
 
 DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
 PROMPTS, ACCUMULATION, STEPS, SEED, NEW_TOKENS, GROUP = 4, 2, 2, 7, 12, 2
+PHASE_KEYS = ["timing/generate_s", "timing/score_s", "timing/reference_s", "timing/update_s",
+              "perf/generate_tokens_per_second", "perf/generate_mbu_percent", "perf/generate_mfu_percent",
+              "perf/score_mfu_percent", "perf/reference_mfu_percent", "perf/update_mfu_percent"]
 PPO_KEYS = ["objective/reward", "objective/kl", "objective/entropy", "policy/approxkl", "policy/clipfrac",
-            "loss/policy", "loss/value", "val/mean", "rollout/response_length", "system/rollout_time_s",
-            "system/train_time_s", "critic/grad_norm"]
+            "loss/policy", "loss/value", "val/mean", "rollout/response_length", "critic/grad_norm", *PHASE_KEYS]
 GRPO_KEYS = ["objective/reward", "objective/reward_std", "objective/kl", "objective/entropy", "policy/approxkl",
-             "policy/clip_ratio", "loss/policy", "rollout/response_length", "system/rollout_time_s",
-             "system/train_time_s"]
+             "policy/clip_ratio", "loss/policy", "rollout/response_length", *PHASE_KEYS]
 
 
 # ----- the estimators -----
@@ -162,7 +163,9 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
             assert record.get(key) is not None and math.isfinite(record[key]), (record["train/global_step"], key)
         assert record["train/grad_norm"] > 0 and record["train/loss"] == pytest.approx(record["loss/policy"])
         assert 1 <= record["rollout/response_length"] <= NEW_TOKENS
-        assert record["system/rollout_time_s"] + record["system/train_time_s"] <= record["system/step_time_s"] * 1.05
+        phase_seconds = sum(value for key, value in record.items() if key.startswith("timing/"))
+        assert phase_seconds <= record["system/step_time_s"] * 1.05
+        assert ("timing/sync_weights_s" in record) == (zero == "3")  # only where the policy is sharded
     assert records[-1]["eval/reward"] is not None and records[-1]["eval/response_length"] >= 1
     if world_size == 1:
         greedy, sampled = held_out_rewards(tmp_path / "export", out_root)
@@ -181,6 +184,9 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         supervised_seen += response_tokens
         assert record["train/num_input_tokens_seen"] == tokens_seen
         assert record["train/num_supervised_tokens_seen"] == supervised_seen
+        # A one-step window: the generation rate × its time per round gives back the answer tokens counted above.
+        generated = record["perf/generate_tokens_per_second"] * record["timing/generate_s"]
+        assert generated == pytest.approx(response_tokens, rel=1e-9)
     assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
@@ -282,3 +288,16 @@ def test_rl_raises_a_learnable_rule_reward(tmp_path, stage, margin):
     assert len(rewards) == 16
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + margin, rewards
+
+
+def test_a_skipped_critic_update_logs_a_null_critic_grad_norm_not_a_stale_one(tmp_path, out_root):
+    """A critic blown up on purpose (learning rate 1e30): its first PPO epoch's update applies, the second sees
+    infinite values and DeepSpeed (ZeRO-2) skips it, keeping the first one's norm as its own. critic/grad_norm is the
+    last update's, so it is null, said once; the window's mean of DeepSpeed's norms would have been a number."""
+    result = run_stage("ppo", tmp_path, *rl_args(out_root, 1), "--critic_learning_rate", "1e30",
+                       "--warmup_ratio", "0", world_size=1, zero="2")
+    assert "OVERFLOW! Skipping step" in result.stdout + result.stderr  # DeepSpeed's own word that it skipped
+    records = read_metrics(tmp_path)
+    assert [r["critic/grad_norm"] for r in records] == [None] * STEPS
+    assert records[-1]["train/skipped_steps"] == STEPS
+    assert (result.stdout + result.stderr).count("critic/grad_norm unknown") == 1

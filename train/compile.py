@@ -11,6 +11,8 @@ the cache object is mutated, which would retrace the block at every length.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from model.attention import DocumentMask, resolve_impl
@@ -23,6 +25,13 @@ from train.config import ConfigError
 # the length dynamic (`dynamic=None`). RL stages add a few more (no-grad scoring in train mode, the critic).
 EXPECTED_TRACES = 4
 _traces = {"count": 0, "warned": False}
+_compiling = {"seconds": 0.0, "since": None}  # host time inside torch.compile, outermost compiles only
+
+
+def compile_seconds() -> float:
+    """Host seconds this process has spent compiling (dynamo traces and the backward graphs compiled on first use):
+    train/metrics.py leaves them out of the rate window they fall in, as a recompile is not a training step's cost."""
+    return _compiling["seconds"]
 
 
 def trace_count() -> int:
@@ -32,9 +41,10 @@ def trace_count() -> int:
 
 def compile_blocks(model: torch.nn.Module) -> int:
     """Compile the forward of every transformer block of `model`; returns how many there are."""
-    from torch._dynamo.callback import callback_handler, on_compile_end
+    from torch._dynamo.callback import callback_handler, on_compile_end, on_compile_start
 
     if _count_trace not in callback_handler.end_callbacks:
+        on_compile_start(_compile_started)
         on_compile_end(_count_trace)
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     if any(block.use_moe for block in blocks):
@@ -62,10 +72,17 @@ def _compiled_forward(block: Block):
 
 
 def _count_trace(args) -> None:
-    """Counts every frame dynamo traces: a retrace, or the piece after a graph break."""
+def _compile_started(args) -> None:
+    _compiling["since"] = time.perf_counter()
+
+
+    """Ends a compile's clock, and counts every frame dynamo traces: a retrace, or the piece after a graph break."""
     from torch._dynamo.callback import CallbackTrigger
 
     if args.callback_trigger != CallbackTrigger.DYNAMO:  # backward graphs compiled later are not retraces
+    if _compiling["since"] is not None:
+        _compiling["seconds"] += time.perf_counter() - _compiling["since"]
+        _compiling["since"] = None
         return
     _traces["count"] += 1
     if _traces["count"] > EXPECTED_TRACES and not _traces["warned"] and distributed.is_main():

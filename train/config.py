@@ -75,11 +75,14 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in out_dir/checkpoints"})
     throughput_warmup_steps: int = field(default=2, metadata={"help": "first optimizer steps left out of the rate windows"})
     peak_tflops: Optional[float] = field(default=None, metadata={"help": "per-device peak TFLOP/s for MFU (overrides the device table)"})
+    peak_memory_gb_per_s: Optional[float] = field(default=None, metadata={"help": "per-device peak memory bandwidth in GB/s for RL generation's MBU (overrides the table, or the measurement on CPU)"})
     metrics: bool = field(default=True, metadata={"help": "collect and log metrics (off only for overhead benchmarks)"})
-    verbose: bool = field(default=False, metadata={"help": "also print the libraries' deprecation warnings (torch.distributed calls made inside DeepSpeed), hidden by default"})
+    verbose: bool = field(default=False, metadata={"help": "also print the libraries' deprecation warnings (torch.distributed calls made inside DeepSpeed) and the deepspeed launcher's INFO lines, hidden by default"})
     use_wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (offline when no API key is configured)"})
     wandb_project: str = field(default="zerostage", metadata={"help": "W&B project"})
     wandb_run_name: str = field(default="", metadata={"help": "W&B run name (default: stage-zeroN-wsW)"})
+    wandb_group: str = field(default="", metadata={"help": "W&B group (default: the pipeline, which every stage under "
+                                                           "one out_root shares: its name and a hash of its path)"})
 
     def __post_init__(self):
         if not self.out_dir:
@@ -110,6 +113,8 @@ class TrainConfig:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
+        require(self.peak_memory_gb_per_s is None or self.peak_memory_gb_per_s > 0, "peak_memory_gb_per_s",
+                f"must be > 0, got {self.peak_memory_gb_per_s}")
         for name in ("adam_beta1", "adam_beta2"):
             require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")

@@ -5,6 +5,7 @@ Only rank 0 logs. A back-end that fails warns once and is dropped: the run and t
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,13 @@ class JsonlLogger(Logger):
         self.file.close()
 
 
+def pipeline_group(out_root: Path) -> str:
+    """The W&B group of every stage run under one out_root: its name and a hash of its absolute path, so two
+    pipelines in directories of the same name stay apart."""
+    path = str(out_root.resolve())
+    return f"{out_root.resolve().name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+
 def wandb_mode() -> str:
     """Offline unless the user set a mode or has an API key: W&B must never block a run on a login."""
     if os.environ.get("WANDB_MODE"):
@@ -91,12 +99,15 @@ def wandb_mode() -> str:
 class WandbLogger(Logger):
     name = "wandb"
 
-    def __init__(self, project: str, run_name: str, group: str, config: dict, out_dir: Path, run_id: Optional[str]):
+    def __init__(self, project: str, run_name: str, group: str, job_type: str, config: dict, out_dir: Path,
+                 run_id: Optional[str]):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=run_name, group=group, config=config, dir=str(out_dir),
-                              id=run_id, resume="allow" if run_id else None, mode=wandb_mode())
+        self.run = wandb.init(project=project, name=run_name, group=group, job_type=job_type, config=config,
+                              dir=str(out_dir), id=run_id, resume="allow" if run_id else None, mode=wandb_mode())
+        # Every stage's charts on the same x-axis; the group's panels can switch to system/unix_time (or W&B's
+        # Wall Time) to lay the stages of a pipeline end to end, as python -m train.report does.
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step")
 

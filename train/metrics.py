@@ -10,12 +10,14 @@ docs/metrics.md.
 from __future__ import annotations
 
 import math
+import re
 import resource
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -33,10 +35,29 @@ class BatchStats:
     model_flops: float  # model FLOPs of the whole micro-batch step (forward + backward, all models)
 
 
-def peak_memory_gb() -> float:
+def peak_memory_gb() -> tuple[float, Optional[float]]:
+    """(allocated, reserved) peak since the last reset_peak_memory(), in GB. CUDA: the caching allocator's tensors
+    and what it holds from the driver, the one that runs out. CPU: the process's peak resident set (VmHWM), and no
+    reserve apart from it."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+        return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 / 1e9, None
+    except (OSError, AttributeError):  # not Linux: the lifetime peak, which cannot be reset
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: each window reports its own steps' memory, not evaluation's, generation's or an export's
+    before it (on CPU, Linux's clear_refs resets VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def device_clock():
@@ -72,6 +93,23 @@ def reduce_over_ranks(values: dict, device: torch.device) -> dict:
 
 
 @dataclass
+class Phase:
+    """One step's time in a named part of its work (RL: generate, score, reference, update) between two
+    `device_clock()` marks, with the work done in it where it is known: logged as timing/<name>_s and, over the
+    rate window, perf/<name>_mfu_percent (flops), perf/<name>_tokens_per_second (tokens) and
+    perf/<name>_mbu_percent (bytes_read: memory traffic over the device's peak bandwidth)."""
+    name: str
+    start: object
+    end: object
+    flops: Optional[float] = None
+    tokens: Optional[int] = None
+    bytes_read: Optional[float] = None
+
+
+PHASE_WORK = ("flops", "tokens", "bytes_read")
+
+
+@dataclass
 class _Window:
     loss_sum: Optional[torch.Tensor] = None  # device
     loss_weight: int = 0
@@ -93,10 +131,14 @@ class _Window:
 class MetricsTracker:
     def __init__(self, *, world_size: int, device: torch.device, peak_flops: Optional[float],
                  total_steps: int, warmup_steps: int, enabled: bool = True, eval_interval: int = 0,
-                 save_interval: int = 0):
+                 save_interval: int = 0, peak_bandwidth: Optional[float] = None,
+                 compile_seconds: Optional[Callable[[], float]] = None):
         self.world_size = world_size
         self.device = device
         self.peak_flops = peak_flops
+        self.peak_bandwidth = peak_bandwidth  # bytes/s, for perf/*_mbu_percent
+        self.compile_seconds = compile_seconds  # --compile: the process's time compiling so far
+        self.window_compile_start = 0.0
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.enabled = enabled
@@ -116,7 +158,7 @@ class MetricsTracker:
         self.epoch_clock = time.perf_counter()
         self.rate_totals = {"tokens": 0.0, "flops": 0.0, "seconds": 0.0}
         self.last_values: dict[str, Optional[torch.Tensor]] = {}  # name -> the window's last step's value, or None
-        self.phases: list = []  # (name, start mark, end mark) of the window, read at the next collect
+        self.phases: list[tuple[Phase, bool]] = []  # the window's phases, in the rate window or not
         # ETA: evaluations and checkpoints still to come, at the mean duration measured so far in this process.
         self.intervals = {"eval": eval_interval, "save": save_interval}
         self.overheads = {kind: [0.0, 0] for kind in self.intervals}  # kind -> [seconds, count]
@@ -149,6 +191,10 @@ class MetricsTracker:
     def _start_rate_window(self) -> None:
         distributed.synchronize()
         self.rate_window_start = time.perf_counter()
+        self.window_compile_start = self._compile_clock()
+
+    def _compile_clock(self) -> float:
+        return self.compile_seconds() if self.compile_seconds else 0.0
 
     def restart_rate_clock(self) -> None:
         """Leave the time since the last window out of the next window's rates and of the epoch time (start-up,
@@ -156,6 +202,7 @@ class MetricsTracker:
         if self.rate_window_start is not None:
             self._start_rate_window()
         self.epoch_clock = time.perf_counter()
+        reset_peak_memory()
 
     def start_epoch(self, resumed: bool = False) -> None:
         """A new epoch's clock (`resumed`: the epoch a checkpoint stopped in goes on from its saved time)."""
@@ -186,10 +233,10 @@ class MetricsTracker:
         at that step (a skipped update), logged as null."""
         self.last_values[name] = value
 
-    def add_phase(self, name: str, start, end) -> None:
-        """One step's time in a phase (RL's rollout and update), from two marks of `device_clock()`; logged as the
-        mean per step over the window and the ranks. Read at the next collect, after its device synchronize."""
-        self.phases.append((name, start, end))
+    def add_phase(self, phase: Phase) -> None:
+        """One step's phase: its time is logged as the mean per step over the window and the ranks, its work as
+        rates over the rate window's steps. The marks are read at the next collect, after its device synchronize."""
+        self.phases.append((phase, self.rate_window_start is not None))
 
     @contextmanager
     def waiting_for_data(self):
@@ -262,6 +309,7 @@ class MetricsTracker:
         now = time.perf_counter()
         w = self.window
         extra_names = sorted(w.extra_sums)
+        peak_allocated, peak_reserved = peak_memory_gb()
         local = {
             "loss_sum": (w.loss_sum if w.loss_sum is not None else 0.0, "sum"),
             "loss_weight": (w.loss_weight, "sum"),
@@ -272,17 +320,27 @@ class MetricsTracker:
             "rate_tokens": (w.rate_tokens, "sum"), "rate_samples": (w.rate_samples, "sum"),
             "rate_flops": (w.rate_flops, "sum"),
             "grad_norm": (self.last_grad_norm if self.last_grad_norm is not None else float("nan"), "rank0"),
-            "peak_memory_gb": (peak_memory_gb(), "max"),
+            "peak_memory_gb": (peak_allocated, "max"),
+            "peak_reserved_gb": (peak_reserved if peak_reserved is not None else float("nan"), "max"),
             # The rank that waited longest holds the others up at the next collective.
             "data_wait": (w.rate_data_wait, "max"),
+            # A (re)compile inside the rate window is not a step's cost; the ranks wait for the slowest to finish.
+            "compile_seconds": (self._compile_clock() - self.window_compile_start
+                                if self.rate_window_start is not None else 0.0, "max"),
         }
         for name in extra_names:
             local[("extra_sum", name)] = (w.extra_sums[name], "sum")
             local[("extra_count", name)] = (w.extra_counts[name], "sum")
-        phase_names = sorted({name for name, _, _ in self.phases})
+        phase_names = sorted({phase.name for phase, _ in self.phases})
         for name in phase_names:
-            local[("phase_sum", name)] = (sum(mark_seconds(a, b) for n, a, b in self.phases if n == name), "sum")
-            local[("phase_count", name)] = (sum(1 for n, _, _ in self.phases if n == name), "sum")
+            seconds = [(mark_seconds(phase.start, phase.end), phase, rated) for phase, rated in self.phases
+                       if phase.name == name]
+            local[("phase_sum", name)] = (sum(s for s, _, _ in seconds), "sum")
+            local[("phase_count", name)] = (len(seconds), "sum")
+            local[("phase_rate_seconds", name)] = (sum(s for s, _, rated in seconds if rated), "sum")
+            for work in PHASE_WORK:
+                if getattr(seconds[0][1], work) is not None:
+                    local[(work, name)] = (sum(getattr(p, work) for _, p, rated in seconds if rated), "sum")
         last_names = sorted(self.last_values)
         for name in last_names:
             value = self.last_values[name]
@@ -307,6 +365,8 @@ class MetricsTracker:
             "train/nonfinite_steps": self.nonfinite_steps,
             "system/peak_memory_gb": reduced["peak_memory_gb"],
         }
+        if peak_reserved is not None:
+            record["system/peak_memory_reserved_gb"] = reduced["peak_reserved_gb"]
         if self.last_grad_norm is None and not self.last_step_skipped:
             self.warn_once("grad_norm", "grad norm unknown for this step: logged as null")
         elif math.isfinite(reduced["grad_norm"]):
@@ -318,7 +378,9 @@ class MetricsTracker:
             record["train/aux_loss"] = reduced["aux_loss_sum"] / micro_batches if micro_batches else None
 
         steps = w.rate_steps
-        elapsed = now - self.rate_window_start if self.rate_window_start is not None else 0.0
+        elapsed = 0.0
+        if self.rate_window_start is not None:
+            elapsed = now - self.rate_window_start - reduced["compile_seconds"]
         rates_known = steps > 0 and elapsed > 0
         if not rates_known:
             self.warn_once("rates", f"no rate window yet at step {global_step} (the first "
@@ -352,11 +414,13 @@ class MetricsTracker:
                                   + self._remaining_overheads(global_step)) / 60 if rates_known else None,
             "system/epoch_time": self.epoch_seconds / 60,
         })
+        if self.compile_seconds:
+            record["system/compile_time_s"] = reduced["compile_seconds"]
         for name in extra_names:
             count = reduced[("extra_count", name)]
             record[name] = reduced[("extra_sum", name)] / count if count else None
         for name in phase_names:
-            record[name] = reduced[("phase_sum", name)] / reduced[("phase_count", name)]
+            record.update(self._phase_record(name, reduced))
         for name in last_names:
             value = reduced[("last", name)]
             record[name] = value if math.isfinite(value) else None
@@ -366,8 +430,36 @@ class MetricsTracker:
         self.phases, self.last_values = [], {}
 
         self.window = _Window()
+        reset_peak_memory()
         if self.rate_window_start is not None:
             self.rate_window_start = time.perf_counter()
+            self.window_compile_start = self._compile_clock()
+        return record
+
+    def _phase_record(self, name: str, reduced: dict) -> dict:
+        """timing/<name>_s, and the rates of the phase's work over its rate-window time on every rank: FLOPs and
+        bytes per device-second against the device's peaks, tokens per second of the whole job."""
+        record = {f"timing/{name}_s": reduced[("phase_sum", name)] / reduced[("phase_count", name)]}
+        device_seconds = reduced[("phase_rate_seconds", name)]  # summed over ranks
+        if ("flops", name) in reduced:
+            per_device = reduced[("flops", name)] / device_seconds if device_seconds else None
+            record[f"perf/{name}_mfu_percent"] = (100 * per_device / self.peak_flops
+                                                  if per_device is not None and self.peak_flops else None)
+        if ("tokens", name) in reduced:
+            record[f"perf/{name}_tokens_per_second"] = (reduced[("tokens", name)] * self.world_size / device_seconds
+                                                        if device_seconds else None)
+        if ("bytes_read", name) in reduced:
+            bytes_read = reduced[("bytes_read", name)]
+            if self.peak_bandwidth is None:
+                self.warn_once("peak_bandwidth", f"device peak memory bandwidth unknown: perf/{name}_mbu_percent "
+                                                 f"logged as null")
+            elif not math.isfinite(bytes_read):
+                self.warn_once(f"bytes_{name}", f"bytes read by the {name} phase unknown (a mixture-of-experts model "
+                                                f"reads the experts its tokens route to): perf/{name}_mbu_percent "
+                                                f"logged as null")
+            record[f"perf/{name}_mbu_percent"] = (100 * bytes_read / device_seconds / self.peak_bandwidth
+                                                  if device_seconds and self.peak_bandwidth
+                                                  and math.isfinite(bytes_read) else None)
         return record
 
     def state_dict(self) -> dict:

@@ -107,8 +107,8 @@ class PPOStage(RLStage):
         scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
         return float(value_forward_flops(self.critic_config, scored))
 
-    def rollout_flops(self, rollout: Rollout) -> float:
-        return super().rollout_flops(rollout) + self._critic_flops(rollout)  # the rollout's values
+    def reference_flops(self, rollout: Rollout) -> float:
+        return super().reference_flops(rollout) + self._critic_flops(rollout)  # the rollout's values
 
     def update_flops(self, rollout: Rollout) -> float:
         return super().update_flops(rollout) + 3.0 * self._critic_flops(rollout)

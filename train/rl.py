@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from data.prompts import PromptLoader
-from model import forward_flops, generation_flops
+from model import forward_flops, generation_bytes_read, generation_flops
 from model.value_head import value_forward_flops
 from train import distributed
+from train.backend import unwrap
 from train.config import ConfigError, TrainConfig
-from train.metrics import BatchStats, device_clock
+from train.metrics import BatchStats, Phase, device_clock
 from train.rl_losses import clipped_policy_loss, response_logps
 from train.rollout import Rollout, RolloutMaker
 from train.stage import MicroBatchReport, Stage, StageContext, StepReport
@@ -64,6 +65,7 @@ class RLStage(Stage):
     default_packing = "padded"
     config_class = RLConfig
     group_size = 1  # answers sampled per prompt
+    generates = True
 
     def make_loader(self, store, cfg, seq_len, rank, world_size, mode, weights=None, drop_last=True):
         return PromptLoader(store, cfg.batch_size, rank, world_size, cfg.seed, weights=weights, drop_last=drop_last)
@@ -75,16 +77,20 @@ class RLStage(Stage):
         super().setup(ctx)
         self.rollouts = RolloutMaker(ctx)
 
-    def rollout_flops(self, rollout: Rollout) -> float:
-        """Generation, then the forwards that score it: policy (old log-probs) and reference, and the reward model."""
-        config = self.ctx.model_config
-        prompts, responses = rollout.prompt_lengths, rollout.response_lengths
-        scored = [p + r - 1 for p, r in zip(prompts, responses)]  # the last response token is read, not run
-        flops = generation_flops(config, prompts, responses)
-        flops += 2 * forward_flops(config, scored, lm_head_tokens=sum(responses))
-        if self.rollouts.reward_model is not None:
-            flops += value_forward_flops(self.rollouts.reward_config, [p + r for p, r in zip(prompts, responses)])
-        return float(flops)
+    def generate_flops(self, rollout: Rollout) -> float:
+        return float(generation_flops(self.ctx.model_config, rollout.prompt_lengths, rollout.response_lengths))
+
+    def score_flops(self, rollout: Rollout) -> float:
+        """The reward model's forward (none for a rule)."""
+        if self.rollouts.reward_model is None:
+            return 0.0
+        scored = [p + r for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        return float(value_forward_flops(self.rollouts.reward_config, scored))
+
+    def reference_flops(self, rollout: Rollout) -> float:
+        """The no-grad forwards that read the answers: the policy's (old log-probs) and the reference's."""
+        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]  # last token: read only
+        return 2.0 * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
 
     def update_flops(self, rollout: Rollout) -> float:
         """One PPO epoch's actor forward + backward over the rollout."""
@@ -123,11 +129,20 @@ class RLStage(Stage):
 
     def train_step(self, micro_batches: list[dict], updater: Updater) -> StepReport:
         cfg, policy = self.ctx.cfg, self.ctx.model
-        started = device_clock() if cfg.metrics else None  # phases timed without waiting for the device
+        # Phases are marked without waiting for the device (CUDA events), and not at all with metrics off.
+        marks = {"start": device_clock() if cfg.metrics else None}
+        mark = (lambda name: marks.__setitem__(name, device_clock())) if cfg.metrics else (lambda name: None)
         self.rollouts.sync(policy)
-        rollouts = [self.rollouts.make(policy, batch, self.group_size) for batch in micro_batches]
+        mark("synced")
+        rollouts = [self.rollouts.sample(batch, self.group_size) for batch in micro_batches]
+        mark("generated")
+        for rollout in rollouts:
+            rollout.scores = self.rollouts.score(rollout, rollout.answers)
+        mark("scored")
+        for rollout in rollouts:
+            self.rollouts.read_logprobs(policy, rollout)
         self.advantages(rollouts)
-        rolled_out = device_clock() if cfg.metrics else None
+        mark("read")
 
         tokens = [float(sum(rollout.response_lengths)) for rollout in rollouts]  # = mask.sum(), known on the host
         normaliser = updater.normaliser(sum(tokens))
@@ -154,8 +169,37 @@ class RLStage(Stage):
                     break
         if not cfg.metrics:
             return StepReport([], update)
-        phases = [("system/rollout_time_s", started, rolled_out), ("system/train_time_s", rolled_out, device_clock())]
-        return StepReport(self._reports(rollouts, sums, tokens, epochs_done), update, phases, self.last_values())
+        mark("updated")
+        return StepReport(self._reports(rollouts, sums, tokens, epochs_done), update,
+                          self._phases(marks, rollouts, epochs_done), self.last_values())
+
+    def _phases(self, marks: dict, rollouts: list[Rollout], epochs_done: int) -> list[Phase]:
+        """The step's timed phases with their work (docs/metrics.md, "RL phases")."""
+        phases = []
+        if self.rollouts.generator_model is not unwrap(self.ctx.model):  # sharded: the generating copy refreshed
+            phases.append(Phase("sync_weights", marks["start"], marks["synced"]))
+        phases += [
+            Phase("generate", marks["synced"], marks["generated"],
+                  flops=sum(self.generate_flops(r) for r in rollouts),
+                  tokens=sum(sum(r.response_lengths) for r in rollouts),
+                  bytes_read=sum(self.generate_bytes_read(r) for r in rollouts)),
+            Phase("score", marks["generated"], marks["scored"],  # a rule does no model FLOPs: no MFU to log
+                  flops=sum(self.score_flops(r) for r in rollouts) if self.rollouts.reward_model else None),
+            Phase("reference", marks["scored"], marks["read"], flops=sum(self.reference_flops(r) for r in rollouts)),
+            Phase("update", marks["read"], marks["updated"],
+                  flops=epochs_done * sum(self.update_flops(r) for r in rollouts)),
+        ]
+        return phases
+
+    def generate_bytes_read(self, rollout: Rollout) -> float:
+        """Bytes the batched generation read (model/flops.py); NaN for a mixture-of-experts model, whose routing
+        decides which experts a decode step reads (its perf/generate_mbu_percent is logged as null)."""
+        config = self.ctx.model_config
+        if config.use_moe:
+            return float("nan")
+        element = next(self.rollouts.generator_model.parameters()).element_size()
+        return float(generation_bytes_read(config, len(rollout.response_lengths), rollout.prompt_width,
+                                           rollout.response.shape[1], element))
 
     def _reports(self, rollouts, sums, tokens, epochs_done) -> list[MicroBatchReport]:
         reports = []
@@ -179,7 +223,8 @@ class RLStage(Stage):
                 computed_tokens=rollout.full_input_ids.numel(),  # the layout every scoring forward runs on
                 input_tokens=sum(rollout.prompt_lengths) + sum(rollout.response_lengths),
                 supervised_tokens=int(count), samples=rows,
-                model_flops=self.rollout_flops(rollout) + epochs_done * self.update_flops(rollout))
+                model_flops=(self.generate_flops(rollout) + self.score_flops(rollout) + self.reference_flops(rollout)
+                             + epochs_done * self.update_flops(rollout)))
             aux_loss = total["aux_loss"] / epochs_done if total["aux_loss"] is not None else None
             reports.append(MicroBatchReport(torch.as_tensor(total["loss"]), int(trained), stats, aux_loss, extras))
         return reports

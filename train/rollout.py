@@ -45,6 +45,7 @@ class Rollout:
     values: Optional[torch.Tensor] = None  # [B, N] PPO: the critic's values at rollout time
     returns: Optional[torch.Tensor] = None  # [B, N] PPO: GAE returns, the critic's targets
     group_std: Optional[torch.Tensor] = None  # [B / G] GRPO: the standard deviation of each group's scores
+    answers: Optional[list] = None  # [B] each prompt's reference answer (None where it has none)
 
 
 def rule_reward(response: str, answer: Optional[str]) -> float:
@@ -122,14 +123,16 @@ class RolloutMaker:
                             device=self.device)
         return values.gather(1, last[:, None]).squeeze(1)
 
-    @torch.no_grad()
-    def make(self, policy: TrainedModel, batch: dict, group_size: int) -> Rollout:
-        """Answers to the batch's prompts (group_size each) with their log-probs, KL and scores."""
+    def sample(self, batch: dict, group_size: int) -> Rollout:
+        """Answers to the batch's prompts (group_size each), laid out for the forwards that read them."""
         prompts = [prompt for prompt in batch["prompt_ids"] for _ in range(group_size)]
-        answers = [answer for answer in batch["answers"] for _ in range(group_size)]
         rollout = self.layout(prompts, self.generate(prompts))
+        rollout.answers = [answer for answer in batch["answers"] for _ in range(group_size)]
+        return rollout
+
+    @torch.no_grad()
+    def read_logprobs(self, policy: TrainedModel, rollout: Rollout) -> None:
+        """The log-probs of the policy that generated and of the frozen reference, and the KL between them."""
         rollout.old_logps, rollout.entropy, _ = response_logps(policy, rollout, with_entropy=True)
         rollout.ref_logps, _, _ = response_logps(self.reference, rollout)
         rollout.kl = k3_kl(rollout.old_logps, rollout.ref_logps) * rollout.mask
-        rollout.scores = self.score(rollout, answers)
-        return rollout

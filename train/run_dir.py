@@ -112,8 +112,9 @@ def claim_on_rank0(cfg: TrainConfig, out_dir: Path) -> Optional[RunDirLock]:
 # What a resume may change: options that do not move the data position, the model or the optimizer's state.
 RESUMABLE_CHANGES = ("learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "log_interval",
                      "eval_interval", "eval_batches", "save_interval", "keep_checkpoints", "nonfinite", "metrics",
-                     "use_wandb", "wandb_project", "wandb_run_name", "throughput_warmup_steps", "peak_tflops",
-                     "grad_clip", "critic_learning_rate", "use_prepared", "compile", "verbose")
+                     "use_wandb", "wandb_project", "wandb_run_name", "wandb_group", "throughput_warmup_steps",
+                     "peak_tflops", "peak_memory_gb_per_s", "grad_clip", "critic_learning_rate", "use_prepared", "compile",
+                     "verbose")
 # Options that name a thing by path, or only say how this process starts: compared through what they resolve to.
 NOT_COMPARED = ("from_resume", "start_over", "local_rank", "out_dir", "out_root", "from_weight", "model",
                 "data_config", "tokenizer", "deepspeed", "backend", "allow_tokenizer_change", "reward_model")

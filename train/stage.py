@@ -54,7 +54,7 @@ class MicroBatchReport:
 class StepReport:
     micro_batches: list[MicroBatchReport]
     update: Update  # the trained model's last update of the step
-    phases: list = field(default_factory=list)  # (metric name, start, end): marks of metrics.device_clock()
+    phases: list = field(default_factory=list)  # metrics.Phase: the step's timed parts and their work
     last_values: dict = field(default_factory=dict)  # metric name -> its value at this step (None: unknown)
 
 
@@ -126,6 +126,7 @@ class Stage:
 
     def make_loader(self, store, cfg: TrainConfig, seq_len: int, rank: int, world_size: int, mode: str,
                     weights=None, drop_last: bool = True):
+    generates: bool = False  # its steps decode (RL rollouts): the device's memory bandwidth is measured for MBU
         """The loader of micro-batches of cfg.batch_size rows (train split: weighted; validation: every row once)."""
         return BatchLoader(store, cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode, weights=weights,
                            drop_last=drop_last)

@@ -23,12 +23,13 @@ import torch
 from model import num_params
 from train import checkpoint, distributed, exports, run_dir
 from train.backend import build_backend
+from train.compile import compile_seconds
 from train.config import REPO_ROOT, ConfigError, TrainConfig
 from train.data_loading import build_data, load_run_tokenizer
 from train.exports import EXPORT_DIR, resolve_from_weight
-from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
+from train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger, pipeline_group
 from train.metrics import MetricsTracker
-from train.peak_flops import describe, device_peak
+from train.peak_flops import describe, device_peak, peak_memory_bandwidth
 from train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 from train.stage import Stage, StageContext, StepReport
 from train.updater import Updater
@@ -118,10 +119,15 @@ class Trainer:
         stage.setup(StageContext(cfg, self.device, self.data.tokenizer, self.model, self.backend, self.total_steps))
 
         self.peak = device_peak(self.backend.dtype, cfg.peak_tflops, REPO_ROOT / ".cache")
+        # Measured on CPU (every rank at once), so only where a stage decodes and its MBU is logged.
+        self.peak_bandwidth = (peak_memory_bandwidth(self.device, cfg.peak_memory_gb_per_s, REPO_ROOT / ".cache")
+                               if stage.generates and cfg.metrics else None)
         self.metrics = MetricsTracker(world_size=self.world_size, device=self.device,
                                       peak_flops=self.peak.flops_per_second, total_steps=self.total_steps,
                                       warmup_steps=cfg.throughput_warmup_steps, enabled=cfg.metrics,
-                                      eval_interval=cfg.eval_interval, save_interval=cfg.save_interval)
+                                      eval_interval=cfg.eval_interval, save_interval=cfg.save_interval,
+                                      compile_seconds=compile_seconds if cfg.compile else None,
+                                      peak_bandwidth=self.peak_bandwidth)
         self.updater = Updater(self.device, lambda update: self.metrics.add_update(update.grad_norm,
                                                                                    update.held_back))
         self.state = TrainState(stage.name, self.metrics, self.epoch_steps, cfg.accumulation_steps)
@@ -163,7 +169,8 @@ class Trainer:
         if self.cfg.use_wandb:
             try:
                 name = self.cfg.wandb_run_name or f"{self.stage.name}-{self.backend.run_tag()}-ws{self.world_size}"
-                wandb_logger = WandbLogger(self.cfg.wandb_project, name, group=self.stage.name,
+                group = self.cfg.wandb_group or pipeline_group(self.cfg.resolve_path(self.cfg.out_root))
+                wandb_logger = WandbLogger(self.cfg.wandb_project, name, group=group, job_type=self.stage.name,
                                            config=self.run_config(), out_dir=self.out_dir, run_id=self.state.wandb_id)
                 self.state.wandb_id = wandb_logger.run_id
                 loggers.append(wandb_logger)
@@ -177,7 +184,8 @@ class Trainer:
             "train": cfg.to_dict(), "model": self.model_config.to_dict(), **self.backend.run_config(),
             "world_size": self.world_size, "dtype": self.backend.dtype,
             "global_batch_size": cfg.batch_size * cfg.accumulation_steps * self.world_size,
-            "peak_flops": describe(self.peak), "total_steps": self.total_steps,
+            "peak_flops": describe(self.peak), "peak_memory_bandwidth_bytes_per_second": self.peak_bandwidth,
+            "total_steps": self.total_steps,
             "steps_per_epoch": self.epoch_steps, "parameters": num_params(self.model_config),
             "grad_norm_source": self.model.grad_norm_source, "data": self.data.describe(),
         }
@@ -207,7 +215,7 @@ class Trainer:
                 self.metrics.add_micro_batch(micro.loss_sum, micro.loss_units, micro.stats, micro.aux_loss,
                                              micro.extras)
             for phase in report.phases:
-                self.metrics.add_phase(*phase)
+                self.metrics.add_phase(phase)
             for name, value in report.last_values.items():
                 self.metrics.set_last(name, value)
         self.metrics.add_optimizer_step(report.update.grad_norm, report.update.applied)
