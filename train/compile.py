@@ -71,18 +71,18 @@ def _compiled_forward(block: Block):
     return forward
 
 
-def _count_trace(args) -> None:
 def _compile_started(args) -> None:
     _compiling["since"] = time.perf_counter()
 
 
+def _count_trace(args) -> None:
     """Ends a compile's clock, and counts every frame dynamo traces: a retrace, or the piece after a graph break."""
     from torch._dynamo.callback import CallbackTrigger
 
-    if args.callback_trigger != CallbackTrigger.DYNAMO:  # backward graphs compiled later are not retraces
     if _compiling["since"] is not None:
         _compiling["seconds"] += time.perf_counter() - _compiling["since"]
         _compiling["since"] = None
+    if args.callback_trigger != CallbackTrigger.DYNAMO:  # backward graphs compiled later are not retraces
         return
     _traces["count"] += 1
     if _traces["count"] > EXPECTED_TRACES and not _traces["warned"] and distributed.is_main():

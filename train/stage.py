@@ -122,11 +122,11 @@ class Stage:
     default_packing: str = "padded"
     config_class: type[TrainConfig] = TrainConfig  # a subclass adds the stage's own flags
     loss_unit: str = "token"  # what train/loss and eval/loss average over; perplexity only means something per token
+    generates: bool = False  # its steps decode (RL rollouts): the device's memory bandwidth is measured for MBU
     ctx: StageContext
 
     def make_loader(self, store, cfg: TrainConfig, seq_len: int, rank: int, world_size: int, mode: str,
                     weights=None, drop_last: bool = True):
-    generates: bool = False  # its steps decode (RL rollouts): the device's memory bandwidth is measured for MBU
         """The loader of micro-batches of cfg.batch_size rows (train split: weighted; validation: every row once)."""
         return BatchLoader(store, cfg.batch_size, seq_len, rank, world_size, cfg.seed, mode, weights=weights,
                            drop_last=drop_last)
