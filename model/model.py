@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.attention import DocumentMask, attend
+from model.attention import DocumentMask, Documents, attend
 from model.config import ModelConfig
 from model.feedforward import SwiGLU
 from model.kv_cache import KVCache
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, documents: Documents | None = None) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states with return_hidden).
 
         doc_ids [B, T]: document index of each token in its row, -1 for padding; a token attends
@@ -112,11 +112,14 @@ class Transformer(nn.Module):
         position_ids [B, T]: rotary positions, restarting at 0 for each packed document.
             None: 0..T-1, continuing after the cached tokens when decoding.
         kv_cache: keys and values of earlier calls; this call's tokens follow them.
+        documents: where doc_ids' documents lie, worked out on the host (Documents of the CPU doc_ids);
+            without it the fused kernels read doc_ids back from the device once per forward. Not used
+            with kv_cache (decoding masks a few queries explicitly).
         """
         batch, seq_len = input_ids.shape
         start = 0
         if kv_cache is None:
-            mask = DocumentMask(doc_ids)
+            mask = DocumentMask(doc_ids, documents=documents)
         else:
             doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
             start = kv_cache.length

@@ -29,23 +29,29 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
 
-        out = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts):
-            # Each expert runs only on the tokens routed to it, so compute scales with top_k, not
-            # num_experts. An expert that got no tokens still runs on an empty batch, keeping its
-            # parameters in the graph for data-parallel gradient hooks.
-            token, slot = torch.where(chosen == index)
-            out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
+        # Each expert runs only on the tokens routed to it, so compute scales with top_k, not num_experts:
+        # the routed slots sorted by expert (stably, each expert's tokens in order), then cut per expert.
+        flat = chosen.flatten()
+        counts = torch.zeros_like(self.router.weight[:, 0], dtype=torch.long).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        # The layer's one host sync: eager kernels need each expert's token count as a host int; a fixed
+        # per-expert capacity would not need it but drops or pads tokens, changing results or cost.
+        parts = tokens.index_select(0, token).split(counts.tolist())
+        # An expert that got no tokens still runs on an empty batch, keeping its parameters in the graph for
+        # data-parallel gradient hooks.
+        routed = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
+        out = torch.zeros_like(tokens).index_add_(0, token, routed * weights.flatten()[order, None])
         for expert in self.shared_experts:
             out = out + expert(tokens)
-        return out.view_as(x), self._balance_loss(probs, chosen)
+        return out.view_as(x), self._balance_loss(probs, counts)
 
-    def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    def _balance_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """num_experts * sum_e (fraction of routed slots sent to e) * (mean router probability of e).
 
         Equals 1 when routing is uniform and grows as it concentrates; only the probability
         term carries gradient, pushing the router away from overloaded experts.
         """
-        num_experts = probs.shape[-1]
-        load = torch.bincount(chosen.flatten(), minlength=num_experts).to(probs.dtype) / chosen.numel()
-        return num_experts * (load * probs.mean(dim=0)).sum()
+        load = counts.to(probs.dtype) / counts.sum()
+        return probs.shape[-1] * (load * probs.mean(dim=0)).sum()

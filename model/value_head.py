@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.attention import Documents
 from model.config import ModelConfig
 from model.flops import forward_flops
 from model.model import Transformer
@@ -42,8 +43,9 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ValueOutput:
-        out = self.backbone(input_ids, doc_ids=doc_ids, position_ids=position_ids, return_hidden=True)
+                position_ids: torch.Tensor | None = None, documents: Documents | None = None) -> ValueOutput:
+        out = self.backbone(input_ids, doc_ids=doc_ids, position_ids=position_ids, return_hidden=True,
+                            documents=documents)
         return ValueOutput(values=self.value_head(out.hidden).squeeze(-1), aux_loss=out.aux_loss)
 
 

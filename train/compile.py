@@ -64,9 +64,10 @@ def _compiled_forward(block: Block):
         if kv_cache is not None:
             return eager(h, cos, sin, mask, kv_cache)
         if not mask.causal_only:
-            # Build the mask all layers share here, eagerly: it is a cached_property, whose lock (Python 3.11) and,
-            # for flash, host sync would split the graph into six pieces.
-            _ = mask.varlen if resolve_impl(block.attn.attn_impl, h, h) == "flash" else mask.dense
+            # Lay out the documents all layers share here, eagerly: they are cached_properties, whose lock (Python
+            # 3.11) and host-side work would split the graph. The compiled attention reads them as op inputs.
+            impl = resolve_impl(block.attn.attn_impl, h, h)
+            _ = mask.varlen if impl == "flash" else mask.dense if impl == "math" else mask.documents
         return compiled(h, cos, sin, mask, kv_cache)
     return forward
 

@@ -44,7 +44,7 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, Optional[torch.Ten
     """([2P] Σ log p(label) over each answer's supervised positions in fp32, the MoE aux loss). Logits are
     computed at those positions only, and log p is the label's logit minus the logsumexp: no log-softmax copy."""
     output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
-                   return_hidden=True)
+                   return_hidden=True, documents=batch.get("documents"))
     positions = batch["target_positions"]
     logits = unwrap(model).logits_from_hidden(output.hidden.flatten(0, 1)[positions]).float()
     targets = batch["labels"].flatten()[positions]

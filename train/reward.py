@@ -56,7 +56,8 @@ class RewardStage(PairedStage):
                           model_flops=3.0 * value_forward_flops(model_config, lengths))
 
     def loss(self, model, batch: dict) -> LossOutput:
-        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
+                       documents=batch.get("documents"))
         scores = output.values.float().flatten()[batch["last_positions"]]
         chosen, rejected = scores.chunk(2)
         real = batch["real_pairs"].float()

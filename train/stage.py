@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from data.loader import IGNORE_INDEX, BatchLoader
 from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer, forward_flops, load_pretrained, save_state_dict
+from model.attention import Documents
 from train.backend import Backend, TrainedModel, Update
 from train.config import ConfigError, TrainConfig
 from train.metrics import BatchStats
@@ -59,7 +60,10 @@ class StepReport:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch on the device, with "documents": where its documents lie, worked out on the host while the batch
+    is still there, so that the attention kernels never read document ids back (model.attention.Documents)."""
+    documents = {"documents": Documents(batch["doc_ids"])} if "doc_ids" in batch else {}
+    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} | documents
 
 
 def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -217,7 +221,8 @@ class LanguageModelStage(Stage):
         )
 
     def loss(self, model: TrainedModel, batch: dict) -> LossOutput:
-        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+        output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
+                       documents=batch.get("documents"))
         loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return LossOutput(loss_sum=loss_sum, aux_loss=output.aux_loss)
