@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 DEMO_DATA := dataset/.complete
 
-.PHONY: demo test setup data clean bench-peer
+.PHONY: demo test setup data clean bench-peer gpu-check
 .DEFAULT_GOAL := demo
 
 $(INSTALLED): requirements.txt pyproject.toml
@@ -45,6 +45,9 @@ demo: $(DEMO_DATA)
 # launcher-heavy ones first), not pytest-xdist's default of the files with the most tests first.
 test: $(DEMO_DATA)
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+
+gpu-check: $(DEMO_DATA)
+	$(PY) -m bench.gpu_check $(GPU_CHECK_FLAGS)
 
 bench-peer: $(BENCH_INSTALLED) $(DEMO_DATA)
 	$(PY) bench/peer.py $(PEER_FLAGS)
