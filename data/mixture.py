@@ -8,6 +8,8 @@
     seed: 42
 
 Relative paths resolve against the repository root (the directory holding pyproject.toml).
+MiniMind's `--data_path FILE` is the shorthand for a mixture of that one file (one_source_config): weight 1, no
+validation split.
 weight is the fraction of each epoch's documents drawn from that source; weights sum to 1.
 max_samples keeps the first N records of a source; min_length/max_length filter on token count.
 """
@@ -45,6 +47,7 @@ class DataConfig:
     validation: ValidationConfig = ValidationConfig()
     seed: int = 42
     config_file: Path | None = field(default=None, compare=False)  # where it was read from; not an option
+    one_source: bool = field(default=False, compare=False)  # made from --data_path (config_file is that jsonl)
 
     @property
     def weights(self) -> list[float]:
@@ -53,8 +56,15 @@ class DataConfig:
     def resolved(self) -> dict:
         """Every option with absolute paths: what the prepared-data cache key hashes."""
         options = asdict(self)
-        del options["config_file"]
+        del options["config_file"], options["one_source"]
         return _json_ready(options)
+
+    @property
+    def prepare_arguments(self) -> str:
+        """The data options of the `python -m data.prepare` command that prepares this config."""
+        if self.one_source:
+            return f"--data_path {self.config_file} --kind {self.kind} --max_seq_len {self.max_seq_len}"
+        return f"--data_config {self.config_file}"
 
 
 def _json_ready(value):
@@ -66,7 +76,7 @@ def _json_ready(value):
 
 
 def option_names(config_class) -> list[str]:
-    return [f.name for f in fields(config_class) if f.name != "config_file"]
+    return [f.name for f in fields(config_class) if f.name not in ("config_file", "one_source")]
 
 
 def resolve_path(value) -> Path:
@@ -182,3 +192,16 @@ def load_data_config(path) -> DataConfig:
         seed=check.integer(raw.get("seed", DataConfig.seed), "seed", 0),
         config_file=config_file,
     )
+
+
+def one_source_config(path, kind: str, max_seq_len: int, option: str = "--data_path") -> DataConfig:
+    """MiniMind's --data_path: a mixture of the one jsonl file, weight 1, no validation split."""
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"{option}: file not found: {file}")
+    if kind not in KINDS:
+        raise ConfigError(f"{option}: unknown data kind {kind!r} (valid: {', '.join(KINDS)})")
+    if max_seq_len < 2:
+        raise ConfigError(f"{option} {file}: max_seq_len must be >= 2, got {max_seq_len}")
+    return DataConfig(kind=kind, max_seq_len=max_seq_len, sources=(SourceConfig(path=file, weight=1.0),),
+                      config_file=file, one_source=True)

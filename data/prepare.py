@@ -1,6 +1,7 @@
 """Tokenize a data mixture once into cached token stores; reuse them while nothing changed.
 
     python -m data.prepare --data_config config/data/pretrain/demo.yaml [--tokenizer DIR] [--cache_dir DIR]
+    python -m data.prepare --data_path dataset/sft.jsonl --kind sft --max_seq_len 512   (one source, no validation)
 
 The cache directory is keyed by sha256 of: the resolved config, each input file's
 path + size + mtime + content hash, the tokenizer fingerprint and special tokens, and
@@ -11,13 +12,15 @@ FORMAT_VERSION. Layout (see data/store.py for one store):
         train/  val/              one store each (dpo: chosen/ and rejected/ inside each)
 
 Documents: pretrain [bos] + text + [eos], mask all ones, kept whole (the loader packs and
-splits them); sft ChatML ids + assistant mask; dpo the same for chosen and rejected;
-rl the prompt with the assistant generation header, plus answers.json. sft/dpo documents
+splits them), special-token strings in the text mapped to their ids unless split_special_tokens; sft the tokenizer's
+chat-template rendering + assistant mask (data/tokenizer.py); dpo the same for chosen and rejected;
+rl the prompt with the template's generation prompt, plus answers.json. sft/dpo documents
 longer than max_seq_len are truncated and counted as truncated_docs; an rl prompt longer than max_seq_len is a
 bad record (the policy continues it, so it cannot be cut).
 
 A bad record (malformed JSON, a missing or wrongly typed field, an unknown role, an empty conversation, an rl
-prompt too long) is an error naming file:line, or with skip_bad_records it is skipped and counted per file in
+prompt too long, a conversation the chat template fails on, or a tool message, tools, tool_calls or
+reasoning_content the template does not render) is an error naming file:line and the field, or with skip_bad_records it is skipped and counted per file in
 meta.json's sources (skipped_records, and the first few messages in bad_records).
 
 validation.fraction sends each record to val with that probability, drawn from (seed, the
@@ -49,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data.formats import DataFormatError, read_records
-from data.mixture import DataConfig, SourceConfig, load_data_config
+from data.formats import KINDS, MESSAGE_FIELDS, Chat, DataFormatError, read_records
+from data.mixture import DataConfig, SourceConfig, load_data_config, one_source_config
 from data.store import META, PairedStore, StoreWriter, TokenStore
-from data.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer, load_tokenizer
+from data.tokenizer import DEFAULT_TOKENIZER_DIR, ChatTemplateError, Tokenizer, load_tokenizer
 from train.config import REPO_ROOT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chats rendered by the tokenizer's template, special-token strings in pretrain text
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "prepared"
 SPLITS = ("train", "val")
 DPO_SIDES = ("chosen", "rejected")
@@ -109,17 +112,21 @@ def input_files(config: DataConfig) -> list[Path]:
     return files + ([config.validation.path] if config.validation.path else [])
 
 
-def cache_ingredients(config: DataConfig, tokenizer: Tokenizer, skip_bad_records: bool = False) -> dict:
+def cache_ingredients(config: DataConfig, tokenizer: Tokenizer, skip_bad_records: bool = False,
+                      split_special_tokens: bool = False) -> dict:
     """Everything the stores depend on; its sha256 is the cache key. A store made with skip_bad_records has
     its own key: a run without the flag must never reuse it and lose those records silently."""
     ingredients = {
         "format_version": FORMAT_VERSION,
         "config": config.resolved(),
         "files": [file_fingerprint(path) for path in input_files(config)],
-        "tokenizer": {"fingerprint": tokenizer.fingerprint, "special_tokens": tokenizer.special_tokens},
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "special_tokens": tokenizer.special_tokens,
+                      "chat_template": hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()},
     }
     if skip_bad_records:
         ingredients["skip_bad_records"] = True
+    if split_special_tokens:
+        ingredients["split_special_tokens"] = True
     return ingredients
 
 
@@ -150,41 +157,87 @@ def stale_stores(cache_dir: Path, config: DataConfig, current: Path) -> list[Pat
 
 # ---------------------------------------------------------------- tokenization
 
-def tokenize_chunk(kind: str, records: list, tokenizer: Tokenizer) -> list[list[tuple[list, list]]]:
-    """Per record, one (ids, loss_mask) per store it feeds: two for dpo, one otherwise."""
+def _without_each_extra(chat: Chat):
+    """(field, the chat without it) for each tool message, tools, tool_calls and reasoning_content of the chat."""
+    if chat.tools:
+        yield "tools", chat._replace(tools=None)
+    for index, message in enumerate(chat.messages):
+        if message["role"] == "tool":
+            yield f"[{index}] (a tool message)", chat._replace(messages=chat.messages[:index] + chat.messages[index + 1:])
+        for key in (key for key in MESSAGE_FIELDS if key in message):
+            without = {name: value for name, value in message.items() if name != key}
+            yield f"[{index}].{key}", chat._replace(messages=chat.messages[:index] + [without] + chat.messages[index + 1:])
+
+
+def render_conversation(tokenizer: Tokenizer, chat: Chat, name: str, add_generation_prompt: bool = False):
+    """tokenizer.chat_spans of the chat, once the template is seen to render each of its tool messages, tools,
+    tool_calls and reasoning_content: one it renders the same without would be dropped silently, so it is refused,
+    naming the field (`name` is the record's field holding the conversation)."""
+    try:
+        rendered = tokenizer.chat_spans(chat.messages, chat.tools, add_generation_prompt)
+        for field, without in _without_each_extra(chat):
+            if tokenizer.render_text(without.messages, without.tools, add_generation_prompt) == rendered[0]:
+                label = field if field == "tools" else name + field
+                raise ChatTemplateError(f"field '{label}': the chat template ({tokenizer.chat_template_source}) "
+                                        f"does not render it (the conversation renders the same without it); use a "
+                                        f"tokenizer whose template does, or leave it out of the data")
+    except ChatTemplateError as error:
+        message = str(error)
+        raise ChatTemplateError(message if message.startswith("field '") else f"field '{name}': {message}") from None
+    return rendered
+
+
+def tokenize_chunk(kind: str, records: list, tokenizer: Tokenizer, split_special_tokens: bool = False) -> list:
+    """Per record, one (ids, loss_mask) per store it feeds (two for dpo, one otherwise), or the ChatTemplateError
+    that refuses the record."""
     if kind == "pretrain":
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
         return [[([bos] + ids + [eos], np.ones(len(ids) + 2, dtype=np.uint8))]
-                for ids in tokenizer.encode_batch(records)]
-    if kind == "sft":
-        return [[tokenizer.render_chat(messages)] for messages in records]
-    if kind == "dpo":
-        return [[tokenizer.render_chat(chosen), tokenizer.render_chat(rejected)] for chosen, rejected in records]
-    return [[tokenizer.render_chat(messages, add_generation_prompt=True)] for messages, _ in records]
+                for ids in tokenizer.encode_batch(records, split_special_tokens)]
+    sides = {"sft": lambda chat: [(chat, "conversations")],
+             "dpo": lambda pair: [(pair[0], "chosen"), (pair[1], "rejected")],
+             "rl": lambda prompt: [(prompt[0], "conversations")]}[kind]
+    rendered = []
+    for record in records:
+        try:
+            rendered.append([render_conversation(tokenizer, chat, name, add_generation_prompt=kind == "rl")
+                             for chat, name in sides(record)])
+        except ChatTemplateError as error:
+            rendered.append(error)
+    # One batch through the Rust tokenizer for the whole chunk.
+    tokenized = iter(tokenizer.tokenize_chats([side for record in rendered if isinstance(record, list)
+                                               for side in record]))
+    return [record if isinstance(record, ChatTemplateError) else [next(tokenized) for _ in record]
+            for record in rendered]
 
 
 def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writers, split_of,
-                     skip_bad_records: bool):
+                     skip_bad_records: bool, split_special_tokens: bool):
     """Stream one jsonl file into the split writers; returns what was read, filtered and skipped."""
     min_length, max_length = source.min_length, source.max_length
     bad_records = [] if skip_bad_records else None
     records = itertools.islice(read_records(source.path, config.kind, bad_records), source.max_samples)
     truncates = config.kind in ("sft", "dpo")  # pretrain docs are packed, rl prompts must stay whole
-    read = filtered = too_long = 0
+    read = filtered = unusable = 0
     while numbered := list(itertools.islice(records, RECORDS_PER_CHUNK)):
         chunk = [record for _, record in numbered]
         read += len(chunk)
         splits = split_of(len(chunk))
-        for (line_number, record), sides, split in zip(numbered, tokenize_chunk(config.kind, chunk, tokenizer), splits):
-            lengths = [len(ids) for ids, _ in sides]
-            if config.kind == "rl" and lengths[0] > config.max_seq_len:
-                error = (f"{source.path}:{line_number}: the prompt is {lengths[0]} tokens, longer than max_seq_len "
-                         f"{config.max_seq_len} (rl prompts are kept whole)")
+        tokenized = tokenize_chunk(config.kind, chunk, tokenizer, split_special_tokens)
+        for (line_number, record), sides, split in zip(numbered, tokenized, splits):
+            error = None
+            if isinstance(sides, ChatTemplateError):
+                error = f"{source.path}:{line_number}: {sides}"
+            elif config.kind == "rl" and len(sides[0][0]) > config.max_seq_len:
+                error = (f"{source.path}:{line_number}: the prompt is {len(sides[0][0])} tokens, longer than "
+                         f"max_seq_len {config.max_seq_len} (rl prompts are kept whole)")
+            if error:
                 if bad_records is None:
                     raise DataFormatError(error)
                 bad_records.append(error)
-                too_long += 1
+                unusable += 1
                 continue
+            lengths = [len(ids) for ids, _ in sides]
             if (min_length is not None and min(lengths) < min_length) or \
                     (max_length is not None and max(lengths) > max_length):
                 filtered += 1
@@ -195,7 +248,7 @@ def _tokenize_source(source: SourceConfig, source_index, config, tokenizer, writ
                 end = config.max_seq_len if truncated else len(ids)
                 writer.append(ids[:end], mask[:end], source_index, truncated, answer)
     bad_records = bad_records or []
-    if read == too_long:
+    if read == unusable:
         raise DataFormatError(f"{source.path}: no usable records" + (
             f" ({len(bad_records)} bad, all skipped; the first: {bad_records[0]})" if bad_records else ""))
     return {"path": str(source.path), "records": read, "filtered_docs": filtered,
@@ -211,7 +264,7 @@ def _random_splits(seed, file_sha256, fraction):
 
 
 def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ingredients: dict,
-                  skip_bad_records: bool) -> dict:
+                  skip_bad_records: bool, split_special_tokens: bool) -> dict:
     started = time.time()
     pad_id = tokenizer.pad_id  # fail before tokenizing, not after, when the tokenizer has none
     train_paths = [str(source.path) for source in config.sources]
@@ -228,11 +281,12 @@ def _write_stores(directory: Path, config: DataConfig, tokenizer: Tokenizer, ing
         sources = []
         for index, source in enumerate(config.sources):
             split_of = _random_splits(config.seed, ingredients["files"][index]["sha256"], config.validation.fraction)
-            sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of, skip_bad_records))
+            sources.append(_tokenize_source(source, index, config, tokenizer, writers, split_of, skip_bad_records,
+                                            split_special_tokens))
         if config.validation.path:
             validation = SourceConfig(path=config.validation.path, weight=1.0)
             sources.append(_tokenize_source(validation, 0, config, tokenizer, writers, lambda n: ["val"] * n,
-                                            skip_bad_records))
+                                            skip_bad_records, split_special_tokens))
 
         splits = {}
         for split, split_writers in writers.items():
@@ -265,8 +319,8 @@ def _as_config(config) -> DataConfig:
     return config if isinstance(config, DataConfig) else load_data_config(config)
 
 
-def _store_dir(config, tokenizer, cache_dir, skip_bad_records):
-    ingredients = cache_ingredients(config, tokenizer, skip_bad_records)
+def _store_dir(config, tokenizer, cache_dir, skip_bad_records, split_special_tokens):
+    ingredients = cache_ingredients(config, tokenizer, skip_bad_records, split_special_tokens)
     directory = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{config_name(config)}-{cache_key(ingredients)[:16]}"
     return directory, ingredients
 
@@ -319,10 +373,11 @@ def _disk_full_error(error: OSError, cache_dir: Path, written: int) -> OSError:
         f"store was removed, nothing is left behind. Free space in {cache_dir} and run again"))
 
 
-def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool = False) -> PreparedData:
+def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool = False,
+            split_special_tokens: bool = False) -> PreparedData:
     """Tokenize the mixture into the cache, or reuse the store when its key matches."""
     config = _as_config(config)
-    directory, ingredients = _store_dir(config, tokenizer, cache_dir, skip_bad_records)
+    directory, ingredients = _store_dir(config, tokenizer, cache_dir, skip_bad_records, split_special_tokens)
     if directory.parent.is_dir():
         remove_dead_temporaries(directory.parent)
     if (directory / META).is_file():
@@ -332,7 +387,7 @@ def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool
     temporary = directory.parent / (f".tmp-{directory.name}@{socket.gethostname()}-{os.getpid()}-"
                                     f"{uuid.uuid4().hex[:8]}")
     try:
-        _write_stores(temporary, config, tokenizer, ingredients, skip_bad_records)
+        _write_stores(temporary, config, tokenizer, ingredients, skip_bad_records, split_special_tokens)
         try:
             temporary.rename(directory)
         except OSError:
@@ -351,7 +406,7 @@ def prepare(config, tokenizer: Tokenizer, cache_dir=None, skip_bad_records: bool
 
 
 def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, cache_dir=None,
-                  skip_bad_records: bool = False) -> PreparedData:
+                  skip_bad_records: bool = False, split_special_tokens: bool = False) -> PreparedData:
     """The prepared store for this config and tokenizer.
 
     require_existing=True (what --use_prepared means) never tokenizes: a missing or stale
@@ -359,8 +414,8 @@ def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, 
     """
     config = _as_config(config)
     if not require_existing:
-        return prepare(config, tokenizer, cache_dir, skip_bad_records)
-    directory, _ = _store_dir(config, tokenizer, cache_dir, skip_bad_records)
+        return prepare(config, tokenizer, cache_dir, skip_bad_records, split_special_tokens)
+    directory, _ = _store_dir(config, tokenizer, cache_dir, skip_bad_records, split_special_tokens)
     if (directory / META).is_file():
         return _open(directory, config, reused=True)
     stale = stale_stores(directory.parent, config, directory)
@@ -368,9 +423,10 @@ def load_prepared(config, tokenizer: Tokenizer, require_existing: bool = False, 
               f"was prepared" if stale else f"nothing prepared in {directory.parent} for it")
     raise FileNotFoundError(
         f"{config.config_file}: no prepared data for this config and tokenizer {tokenizer.name_or_path} "
-        f"(expected {directory}); {reason}. Run: python -m data.prepare --data_config {config.config_file} "
+        f"(expected {directory}); {reason}. Run: python -m data.prepare {config.prepare_arguments} "
         f"--tokenizer {tokenizer.name_or_path}" + (f" --cache_dir {cache_dir}" if cache_dir else "")
-        + (" --skip_bad_records" if skip_bad_records else ""))
+        + (" --skip_bad_records" if skip_bad_records else "")
+        + (" --split_special_tokens" if split_special_tokens else ""))
 
 
 def skipped_records(prepared: PreparedData) -> dict:
@@ -392,14 +448,24 @@ def describe_counts(counts: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_config", required=True, help="data-mixture YAML, e.g. config/data/pretrain/demo.yaml")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data_config", help="data-mixture YAML, e.g. config/data/pretrain/demo.yaml")
+    data.add_argument("--data_path", help="one jsonl file: a mixture of that one source (with --kind, --max_seq_len)")
+    parser.add_argument("--kind", choices=KINDS, help="with --data_path: its data kind")
+    parser.add_argument("--max_seq_len", type=int, help="with --data_path: the sequence length")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER_DIR), help="tokenizer directory")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and count bad records")
+    parser.add_argument("--split_special_tokens", action="store_true",
+                        help="encode special-token strings in pretrain text as plain text (default: their ids)")
     args = parser.parse_args()
+    if args.data_path and (args.kind is None or args.max_seq_len is None):
+        parser.error("--data_path needs --kind and --max_seq_len")
     started = time.time()
-    prepared = prepare(load_data_config(args.data_config), load_tokenizer(args.tokenizer), args.cache_dir,
-                       args.skip_bad_records)
+    config = (one_source_config(args.data_path, args.kind, args.max_seq_len) if args.data_path
+              else load_data_config(args.data_config))
+    prepared = prepare(config, load_tokenizer(args.tokenizer), args.cache_dir, args.skip_bad_records,
+                       args.split_special_tokens)
     print(f"{'reused' if prepared.reused else 'prepared'} {prepared.root} ({time.time() - started:.1f}s)")
     for line in skipped_records_report(prepared):
         print(f"  {line}")

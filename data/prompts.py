@@ -1,14 +1,32 @@
 """Prompt batches for RL (PPO): the rl store's prompts and reference answers, laid out per epoch
 and per rank exactly like training batches (data/layout.py)."""
 
+from pathlib import Path
+from typing import Optional
+
+from data.formats import read_records
 from data.layout import EMPTY_ROW, check_loader_options, epoch_documents, rank_batches
 from data.store import TokenStore
+
+
+def prompt_without_answer(store: TokenStore) -> Optional[str]:
+    """None when every prompt of the store has a reference answer; else 'FILE:LINE: ...' naming the first prompt
+    without one in the file of the store's first such prompt, and how many of the store's prompts lack one."""
+    missing = [index for index, answer in enumerate(store.answers) if answer is None]
+    if not missing:
+        return None
+    path = Path(store.meta["sources"][store.source[missing[0]]]["path"])
+    # The store keeps no line numbers: the file is read again, on this error path only.
+    line = next(line for line, (_, answer) in read_records(path, "rl", bad_records=[]) if answer is None)
+    return (f"{path}:{line}: the prompt has no reference answer (field 'answer'); {len(missing)} of the "
+            f"{len(store.answers)} prompts of the {store.directory.name} split have none")
 
 
 class PromptLoader:
     """Yields {"prompt_ids": [[int]], "answers": [str | None], "doc_index": [int]} per batch.
 
-    prompt_ids end with '<|im_start|>assistant\\n': generation continues from there.
+    prompt_ids end with the chat template's generation prompt ('<|im_start|>assistant\\n' in ChatML): generation
+    continues from there.
     """
 
     def __init__(self, store: TokenStore, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

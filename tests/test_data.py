@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import data.prepare as prepare_module
-from data.formats import DataFormatError, read_records
+from data.formats import Chat, DataFormatError, read_records
 from data.loader import IGNORE_INDEX, BatchLoader
 from data.mixture import load_data_config
 from train.config import REPO_ROOT, ConfigError
@@ -109,7 +109,7 @@ def test_rl_drops_the_final_assistant_turn(tmp_path):
     messages = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
     path = write_jsonl(tmp_path / "rl.jsonl",
                        [{"conversations": messages, "answer": "5"}, {"conversations": messages[:1]}])
-    assert [record for _, record in read_records(path, "rl")] == [(messages[:1], "5"), (messages[:1], None)]
+    assert [record for _, record in read_records(path, "rl")] == [(Chat(messages[:1]), "5"), (Chat(messages[:1]), None)]
 
 
 # ---------------------------------------------------------------- mixture config

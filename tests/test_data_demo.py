@@ -44,7 +44,13 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records(demo_dir):
-    return {name: [record for _, record in read_records(demo_dir / name, kind)] for name, kind in KINDS.items()}
+    """Per file, its records with each conversation as its list of messages (the demo has no tools)."""
+    def messages(kind, record):
+        if kind in ("pretrain", "sft"):
+            return record.messages if kind == "sft" else record
+        return (record[0].messages, record[1].messages) if kind == "dpo" else (record[0].messages, record[1])
+    return {name: [messages(kind, record) for _, record in read_records(demo_dir / name, kind)]
+            for name, kind in KINDS.items()}
 
 
 def turns(messages):

@@ -33,6 +33,8 @@ class TrainConfig:
     stage: str = field(default="pretrain", metadata={"help": "stage name; set by the stage script"})
     model: str = field(default="tiny", metadata={"help": "model preset (tiny, small, base, moe, tiny-moe) or a directory with config.json"})
     data_config: str = field(default="", metadata={"help": "data mixture YAML, e.g. config/data/posttrain/sft/general.yaml"})
+    data_path: str = field(default="", metadata={"help": "MiniMind's shorthand for a one-source mixture: one jsonl file of the stage's data kind, max_seq_len from --max_seq_len or else the stage's default mixture, no validation split; instead of --data_config"})
+    split_special_tokens: bool = field(default=False, metadata={"help": "encode special-token strings (<|im_start|>, ...) in pretrain text as plain text; by default they map to their ids, as the Hugging Face tokenizer does"})
     tokenizer: str = field(default="model/tokenizer", metadata={"help": "tokenizer directory (tokenizer.json + tokenizer_config.json)"})
     from_weight: str = field(default="none", metadata={"help": "none | a stage name (its exported weights under out_root) | a directory"})
     from_resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in out_dir"})
@@ -93,7 +95,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"--{option}: {message}")
 
-        require(bool(self.data_config), "data_config", "is required (a data mixture YAML under config/data/)")
+        require(bool(self.data_config or self.data_path), "data_config",
+                "is required (a data mixture YAML under config/data/, or --data_path FILE)")
+        require(not {"data_config", "data_path"} <= self.explicit_options, "data_path",
+                "give --data_path or --data_config, not both")
         types = _field_types(type(self))
         for f in fields(self):  # first: NaN passes every range check below
             value = getattr(self, f.name)

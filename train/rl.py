@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data.prompts import PromptLoader
+from data.prompts import PromptLoader, prompt_without_answer
 from model import forward_flops, generation_bytes_read, generation_flops
 from model.value_head import value_forward_flops
 from train import distributed
@@ -68,6 +68,8 @@ class RLStage(Stage):
     generates = True
 
     def make_loader(self, store, cfg, seq_len, rank, world_size, mode, weights=None, drop_last=True):
+        if cfg.reward == "rule" and (missing := prompt_without_answer(store)):  # at start-up, not at the first rollout
+            raise ConfigError(f"--reward rule: {missing}; give every prompt an answer, or use --reward model")
         return PromptLoader(store, cfg.batch_size, rank, world_size, cfg.seed, weights=weights, drop_last=drop_last)
 
     def optimizer_steps_per_step(self, cfg: RLConfig) -> int:
