@@ -1,6 +1,6 @@
 # Set-up is part of every target: a fresh machine needs only Python 3.11 and these two commands.
 #   make demo   tiny model through every stage on the shipped/generated demo data (CPU when there is no GPU)
-#   make test   the test suite (what .ci/run runs)
+#   make test   the test suite (what .ci/run runs); installs requirements-test.txt (transformers, the reference)
 #   make bench-peer  zerostage vs HF Trainer (SFT) and TRL DPOTrainer (DPO) on this CPU (bench/peer.py; flags in
 #                    PEER_FLAGS, e.g. PEER_FLAGS="--threads 8"); installs requirements-bench.txt, which make test never needs
 SHELL := /bin/bash
@@ -9,6 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
+TEST_INSTALLED := $(VENV)/.installed-test
 DEMO_DATA := dataset/.complete
 
 .PHONY: demo test setup data clean bench-peer gpu-check
@@ -31,6 +32,11 @@ $(BENCH_INSTALLED): $(INSTALLED) requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	touch $@
 
+# The test suite's reference packages (transformers) on top of the project's.
+$(TEST_INSTALLED): $(INSTALLED) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
 $(DEMO_DATA): $(INSTALLED) scripts/make_demo_data.py
 	$(PY) scripts/make_demo_data.py --out_dir dataset
 	touch $@
@@ -43,7 +49,7 @@ demo: $(DEMO_DATA)
 # One worker per core, a test file to a worker (its module fixtures run once): most of a launcher run's time is
 # one process importing or starting up while the other core waits. Files go out in tests/conftest.py's order (the
 # launcher-heavy ones first), not pytest-xdist's default of the files with the most tests first.
-test: $(DEMO_DATA)
+test: $(DEMO_DATA) $(TEST_INSTALLED)
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 gpu-check: $(DEMO_DATA)

@@ -27,6 +27,10 @@ class ModelConfig:
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Qwen3's q/k norm: an RMSNorm over head_dim on each head's queries and keys, before RoPE.
+    qk_norm: bool = False
+    # Qwen2's biases on the q, k and v projections (none on o_proj or the FFN); zero at initialisation.
+    qkv_bias: bool = False
     dropout: float = 0.0
     # Mixture of experts replaces every block's FFN when use_moe is set.
     use_moe: bool = False
@@ -106,6 +110,9 @@ PRESETS: dict[str, dict] = {
     "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, max_seq_len=512),
     # MiniMind2, ~104M parameters.
     "base": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, max_seq_len=512),
+    # MiniMind-3 (jingyaogong/minimind, 2026), ~64M parameters: Qwen3-style; FFN ceil(pi * hidden / 64) * 64.
+    "minimind3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=2432,
+                      rms_norm_eps=1e-6, qk_norm=True, max_seq_len=768),
 }
 PRESETS["moe"] = {**PRESETS["small"], **_MOE}
 PRESETS["tiny-moe"] = {**PRESETS["tiny"], **_MOE}

@@ -123,8 +123,9 @@ def num_params(config: ModelConfig, include_embedding: bool = True) -> int:
         ffn = hidden * config.num_experts + (config.num_experts + config.num_shared_experts) * swiglu
     else:
         ffn = swiglu
-    norms = 2 * hidden
-    body = config.num_layers * (attention + ffn + norms) + hidden  # + final norm
+    norms = 2 * hidden + (2 * head_dim if config.qk_norm else 0)
+    biases = (config.num_heads + 2 * config.num_kv_heads) * head_dim if config.qkv_bias else 0
+    body = config.num_layers * (attention + ffn + norms + biases) + hidden  # + final norm
     embedding = config.vocab_size * hidden
     lm_head = 0 if config.tie_embeddings else config.vocab_size * hidden
     return body + lm_head + (embedding if include_embedding else 0)

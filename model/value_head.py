@@ -73,6 +73,8 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], config: ModelConfig, 
 
 
 def is_reward_model(directory: str | Path) -> bool:
+    if not (Path(directory) / WEIGHTS_FILE).is_file():  # a MiniMind .pth or a sharded transformers directory
+        return False
     with safe_open(Path(directory) / WEIGHTS_FILE, framework="pt") as weights:
         return HEAD_WEIGHT in weights.keys()
 

@@ -3,7 +3,9 @@
 A stage exports its consolidated weights to <out_root>/<stage>/export; the next stage's --from_weight names the
 stage (or any export directory). Beside the weights, zerostage.json records where they came from, the tokenizer
 above all: weights trained with one tokenizer read another's ids as other words, so starting from them with
-another tokenizer is refused unless asked for.
+another tokenizer is refused unless asked for. A language model's export also holds hf/, the same weights in
+Hugging Face transformers' format with the tokenizer (model/hf.py); --from_weight also reads a transformers
+directory (Llama, Qwen2, Qwen3, ...) and a MiniMind .pth state dict.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from model import ModelConfig, save_state_dict
+from model.hf import INDEX_FILE, WEIGHTS_FILE, hf_model_type, save_hf, special_token_ids
 from train import distributed
 from train.config import ConfigError, TrainConfig
 
 EXPORT_DIR = "export"
+HF_EXPORT_DIR = "hf"
 PROVENANCE = "zerostage.json"
 STAGE_ORDER = ["pretrain", "midtrain", "sft", "dpo", "reward", "ppo", "grpo"]
 
@@ -34,11 +39,27 @@ def resolve_weights(cfg: TrainConfig, option: str, value: str) -> Path:
                               f"(bash launch/run_{value}.sh, or python train/{value}.py) with the same --out_root")
         return path
     path = cfg.resolve_path(value)
-    if not (path / "model.safetensors").is_file():
+    if option == "from_weight" and (path.suffix == ".pth" and path.is_file() or (path / INDEX_FILE).is_file()):
+        return path
+    if not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(f"--{option} {value}: {path} holds no model.safetensors; give a stage name "
                           f"({', '.join(STAGE_ORDER)}) or a directory written by a stage's export"
-                          + ("" if option != "from_weight" else ", or none"))
+                          + ("" if option != "from_weight" else ", a Hugging Face model directory (safetensors), "
+                                                                 "a MiniMind .pth file, or none"))
     return path
+
+
+def export_language_model(state_dict: dict, config: ModelConfig, directory: Path, tokenizer) -> Path:
+    """zerostage's export (what --from_weight reads) and beside it, in hf/, the same weights in transformers' format
+    with the tokenizer's files; a model no standard architecture computes gets a warning instead of hf/."""
+    save_state_dict(state_dict, config, directory)
+    try:
+        hf_model_type(config)
+    except ValueError as error:
+        print(f"WARNING: no Hugging Face export in {directory / HF_EXPORT_DIR}: {error}", file=sys.stderr, flush=True)
+        return directory
+    save_hf(state_dict, config, directory / HF_EXPORT_DIR, tokenizer.name_or_path, special_token_ids(tokenizer))
+    return directory
 
 
 def write_provenance(directory: Path, stage: str, global_step: int, tokenizer) -> None:

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 
 from data.loader import IGNORE_INDEX, BatchLoader
 from data.tokenizer import Tokenizer
-from model import ModelConfig, Transformer, forward_flops, load_pretrained, save_state_dict
+from model import ModelConfig, Transformer, forward_flops
 from model.attention import Documents
+from model.hf import load_language_model
 from train.backend import Backend, TrainedModel, Update
 from train.config import ConfigError, TrainConfig
+from train.exports import export_language_model
 from train.metrics import BatchStats
 from train.updater import LossOutput, Updater, host_to_device
 
@@ -100,12 +102,14 @@ def requested_model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def build_language_model(cfg: TrainConfig, source: Optional[Path]) -> Transformer:
-    """The exported weights at `source`, else a fresh model of the --model preset or config directory. A --model
-    given together with --from_weight must be the model the weights are: it is never silently ignored."""
+    """The weights at `source` (an export, a transformers directory, a MiniMind .pth), else a fresh model of the
+    --model preset or config directory. A --model given together with --from_weight must be the model the weights
+    are: it is never silently ignored (a .pth without a config.json beside it takes its config from --model)."""
     if source is None:
         return Transformer(requested_model_config(cfg))
+    given = requested_model_config(cfg) if "model" in cfg.explicit_options else None
     try:
-        model = load_pretrained(source)
+        model = load_language_model(source, given)
     except ValueError as error:  # each names the file: its config, its weights
         raise ConfigError(f"--from_weight: {error}") from None
     if "model" in cfg.explicit_options:
@@ -181,8 +185,8 @@ class Stage:
         return {"loss": (output.loss_sum, self.loss_weight(batch)), **output.extras}
 
     def export(self, state_dict: dict, model_config: ModelConfig, directory: Path) -> Path:
-        """Write the consolidated weights where the next stage's --from_weight finds them."""
-        return save_state_dict(state_dict, model_config, directory)
+        """Write the consolidated weights where the next stage's --from_weight finds them (and hf/ beside them)."""
+        return export_language_model(state_dict, model_config, directory, self.ctx.tokenizer)
 
     def loss_weight(self, batch: dict) -> int:
         """The micro-batch's count of loss units, known before the forward (the step's normaliser)."""
