@@ -138,7 +138,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 
 def resolve_impl(requested: str, q: torch.Tensor, k: torch.Tensor) -> str:
     flash_usable = (flash_attn_func is not None and q.is_cuda
-                    and q.dtype in (torch.float16, torch.bfloat16))
+                    and q.dtype in (torch.float16, torch.bfloat16)
+                    and torch.cuda.get_device_capability(q.device)[0] >= 8)  # flash-attn refuses V100, T4: SDPA
     if requested == "flash" and not flash_usable:
         raise RuntimeError("attn_impl='flash' needs the flash-attn package and CUDA fp16/bf16 "
                            f"activations; got device {q.device}, dtype {q.dtype}, "

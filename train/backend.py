@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from train.compile import compile_blocks
-from train.config import ConfigError, TrainConfig
+from train.config import TrainConfig
 from train.nonfinite import Flag
 
 
@@ -86,7 +86,12 @@ class Backend:
     frozen_forward_is_collective: bool  # a frozen model's forward needs every rank (ZeRO-3's partitioned engine)
 
     def __init__(self, dtype: str):
-        self.dtype = dtype
+        self.dtype = dtype  # the training precision: bf16, fp16 or fp32
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """What the forward computes in, and what replicas (frozen models, samplers) are held in."""
+        return TORCH_DTYPES[self.dtype]
 
     def describe(self) -> str:
         """One phrase for the start-up line: ZeRO-2, FSDP2, ..."""
@@ -126,19 +131,24 @@ class Backend:
         raise NotImplementedError
 
     def frozen(self, module: torch.nn.Module):
-        """A model that is only run forward (reference, reward model), in inference mode."""
+        """A model that is only run forward (reference, reward model), in inference mode, in the training dtype:
+        an fp32 reference beside a bf16 policy would double its memory and make step 0's DPO margins and PPO KL
+        rounding noise instead of 0."""
         raise NotImplementedError
 
     def frozen_copy(self, model: TrainedModel):
-        """A never-trained copy of `model` with its current weights, frozen."""
+        """A never-trained copy of `model` with its current weights, frozen (in the training dtype)."""
         replica = type(model.module)(model.module.config)
         model.copy_weights_to(replica)
         return self.frozen(replica)
 
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def build_backend(cfg: TrainConfig, world_size: int) -> Backend:
     """The run's backend; an option this machine cannot honour fails here, before any model or data is made."""
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, cfg.backend)
     if cfg.backend == "fsdp":
         from train.fsdp import FSDPBackend
 
@@ -148,15 +158,17 @@ def build_backend(cfg: TrainConfig, world_size: int) -> Backend:
     return DeepSpeedBackend(cfg, world_size, dtype)
 
 
-def resolve_dtype(requested: str) -> str:
+def resolve_dtype(requested: str, backend: str) -> str:
+    """--dtype auto: bf16 on a GPU that computes it natively (Ampere and newer); fp16 on older GPUs under DeepSpeed
+    (its dynamic loss scale), fp32 there under FSDP (no loss scaler); fp32 on CPU."""
     if requested != "auto":
-        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
-            raise ConfigError(f"--dtype {requested}: only fp32 trains on CPU here (DeepSpeed's CPU path has no "
-                              f"mixed-precision optimizer); valid choices on this machine: auto, fp32")
         return requested
     if not torch.cuda.is_available():
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Without including_emulation=False, V100 and T4 answer True: they emulate bf16, several times slower than fp16.
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp16" if backend == "deepspeed" else "fp32"
 
 
 def adamw(groups: list[dict], cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:

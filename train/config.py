@@ -57,7 +57,7 @@ class TrainConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 disables)"})
-    dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, fp32 on CPU)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16: training precision, fp32 master weights (auto: bf16 on GPUs with native bf16, Ampere and newer; fp16 on older GPUs under DeepSpeed, fp32 there under FSDP; fp32 on CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for init, data order and sampling"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block's training forward (KV-cache decoding stays eager); the first steps pay the compile"})
     nonfinite: str = field(default="skip", metadata={"help": "a NaN/Inf loss or gradient norm: skip (the update is not applied, counted in train/skipped_steps) | stop (checkpoint, error, exit 1); checked at each log step"})

@@ -55,7 +55,7 @@ def check_ds_types(ds: dict, src: str) -> None:
         check(ds, key, lambda v: v == _AUTO or _integer(v) and v >= 1, 'an integer >= 1 or "auto"')
     check(ds, "gradient_clipping", lambda v: v == _AUTO or _number(v) and v >= 0, 'a number >= 0 or "auto"')
     check(ds, "steps_per_print", lambda v: _integer(v) and v >= 1, "an integer >= 1")
-    for key in ("bf16", "fp16", "zero_optimization"):
+    for key in ("bf16", "fp16", "zero_optimization", "data_types"):
         check(ds, key, lambda v: isinstance(v, dict), "an object")
     for key in ("bf16", "fp16"):
         check(ds.get(key, {}), "enabled", lambda v: v == _AUTO or isinstance(v, bool), 'true, false or "auto"',
@@ -95,6 +95,12 @@ def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
     ds.setdefault("steps_per_print", 10**12)  # our own metric lines replace DeepSpeed's
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     stage = zero.get("stage", 0)
+    # Gradients reduced and accumulated in fp32, as FSDP's reduce_dtype does: under bf16/fp16 DeepSpeed's default is
+    # the model's dtype for both. ZeRO-0 cannot: DeepSpeed refuses an accumulation dtype other than the model's
+    # without ZeRO ("unsupported mix"), so there each micro-batch's gradient is summed in fp32 and held in bf16/fp16.
+    _fill(ds, "communication_data_type", "fp32", src, "zerostage's fp32 gradient reduction")
+    if stage > 0 or dtype == "fp32":
+        _fill(ds.setdefault("data_types", {}), "grad_accum_dtype", "fp32", src, "zerostage's fp32 accumulation")
     if "offload_param" in zero and stage != 3:
         raise ConfigError(f"{src}: offload_param needs ZeRO stage 3 (this config is stage {stage})")
     if "offload_optimizer" in zero and stage == 0:
@@ -169,16 +175,23 @@ class DeepSpeedBackend(Backend):
     def trained(self, model, optimizer, scheduler) -> "DeepSpeedModel":
         import deepspeed
 
+        # DeepSpeed copies its fp32 masters from the module it has cast to bf16/fp16: the initial (or --from_weight)
+        # weights are rounded before the first step, where FSDP's masters are the fp32 weights. Kept here, set below.
+        initial = {} if self.dtype == "fp32" else {name: p.detach().to("cpu", copy=True)
+                                                   for name, p in model.named_parameters()}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=copy.deepcopy(self.ds_config))  # one engine per model
-        return DeepSpeedModel(engine, self.world_size, partitioned=self.zero_stage == 3)
+        trained = DeepSpeedModel(engine, self.world_size, partitioned=self.zero_stage == 3)
+        if initial:
+            trained.set_masters(initial)
+        return trained
 
     def frozen(self, module: torch.nn.Module):
-        """Under ZeRO-3 an engine without optimizer that partitions the model like the trained one; else the plain
-        module on the device."""
+        """Under ZeRO-3 an engine without optimizer that partitions the model like the trained one (it casts to the
+        training dtype itself); else the plain module on the device, in the training dtype."""
         module.requires_grad_(False).eval()
         if not self.frozen_forward_is_collective:
-            return module.to(distributed.device())
+            return module.to(distributed.device(), self.torch_dtype)
         import deepspeed
 
         inference = copy.deepcopy(self.ds_config)
@@ -194,6 +207,10 @@ class DeepSpeedModel(TrainedModel):
         self.runner = engine
         # ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not.
         self.reports_grad_norm = hasattr(engine.optimizer, "_global_grad_norm")
+        # ZeRO-0 bf16/fp16 wraps torch AdamW in FP16_UnfusedOptimizer (fp32 master copies, scale 1 under bf16). Under
+        # fp16, DeepSpeed 0.19.8's engine.backward scales the loss only for its ZeRO optimizers, yet this wrapper
+        # unscales the gradients and reports their scaled norm: the loss is scaled here and the norm divided.
+        self.unfused = type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer"
         self.grad_norm_source = ("DeepSpeed's get_global_grad_norm()" if self.reports_grad_norm
                                  else "own float64 norm of the full gradients")
 
@@ -201,8 +218,38 @@ class DeepSpeedModel(TrainedModel):
     def learning_rate(self) -> float:
         return self.engine.get_lr()[0]
 
+    def masters(self) -> dict:
+        """id of each module parameter -> its fp32 master where DeepSpeed's ZeRO-0 bf16/fp16 wrapper keeps it
+        (ZeRO 1-3 are reached through safe_get/set_full_fp32_param)."""
+        if not self.unfused:
+            return {}
+        wrapper = self.engine.optimizer
+        return {id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                for low, high in zip(lows, highs)}
+
+    @torch.no_grad()
+    def set_masters(self, weights: dict) -> None:
+        """Make the fp32 masters these full weights (name -> tensor); the module keeps its rounding of them."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        masters = self.masters()
+        for name, param in self.module.named_parameters():
+            if id(param) in masters:
+                masters[id(param)].copy_(weights[name])
+            else:
+                safe_set_full_fp32_param(param, weights[name].to(param.device))
+        if self.unfused:
+            # The wrapper also stepped the torch AdamW once on zero gradients to create its state: a weight decay,
+            # and Adam's step count 1 ahead, which shrank the first real update ×0.73 (bias correction of step 2).
+            self.engine.optimizer.optimizer.state.clear()
+
+    def loss_scale(self) -> float:
+        """The scale ZeRO-0 bf16/fp16 needs applied to the objective (1 elsewhere: DeepSpeed applies its own)."""
+        return self.engine.optimizer.loss_scale_config.cur_scale if self.unfused else 1.0
+
     def backward(self, objective: torch.Tensor) -> None:
-        self.engine.backward(objective * self.world_size, scale_wrt_gas=False)  # it averages over ranks
+        # It averages over ranks.
+        self.engine.backward(objective * (self.world_size * self.loss_scale()), scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only counts the micro-step: DeepSpeed reduces at the boundary it counts to
 
@@ -217,12 +264,13 @@ class DeepSpeedModel(TrainedModel):
                 # update on the device when found_inf is set, as torch's GradScaler does: no host sync.
                 held_back = ~torch.isfinite(grad_norm)
                 engine.optimizer.found_inf = held_back.float()
+        scale = self.loss_scale()  # the backward's: the step may change it
         engine.step()
         if self.reports_grad_norm:
             # DeepSpeed's ZeRO 1-3 optimizers skip a step whose norm is not finite themselves (they read the norm
             # on the host), reporting the norm as inf and was_step_applied() as False.
             reported = engine.get_global_grad_norm()
-            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64)
+            grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64) / scale
         applied = engine.was_step_applied()
         return Update(grad_norm, held_back if held_back is not None else not applied, applied, learning_rate)
 
@@ -236,17 +284,23 @@ class DeepSpeedModel(TrainedModel):
         return path is not None, client_state
 
     def full_state_dict(self) -> Optional[dict]:
-        if not self.partitioned:
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} \
-                if distributed.is_main() else None
-        import deepspeed
+        """The fp32 master weights (the optimizer's), not the bf16/fp16 module's: an export of the module would round
+        every stage hand-off. Collective under ZeRO 1-3, one parameter at a time (bounded by the largest tensor)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
+        masters = self.masters()
         state = {}
         for name, param in self.module.named_parameters():
-            # One parameter at a time keeps the gathered size bounded by the largest tensor.
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if distributed.is_main():
-                    state[name] = param.detach().cpu().clone()
+            master = masters.get(id(param))
+            if master is None:
+                master = safe_get_full_fp32_param(param)  # ZeRO 1-3: the optimizer's fp32 partitions, gathered
+            if master is None and param.dtype == torch.float32 and not self.partitioned:
+                master = param  # ZeRO-0 fp32: the module's weights are the ones the optimizer steps
+            if master is None:
+                raise RuntimeError(f"no fp32 master weight found for {name} ({param.dtype}, "
+                                   f"{type(self.engine.optimizer).__name__}): refusing to export rounded weights")
+            if distributed.is_main():
+                state[name] = master.detach().to("cpu", torch.float32, copy=True)
         return state if distributed.is_main() else None
 
     @torch.no_grad()

@@ -26,15 +26,16 @@ from train.backend import Backend, TrainedModel, Update, restore_peak_learning_r
 from train.config import ConfigError, TrainConfig
 
 ENGINE_STATE = "engine_state.pt"  # scheduler, step counters and the trainer's client state (rank 0)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def shard(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+def shard(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Shard `model` in place over every rank: one group per transformer block, the root for the rest."""
     device = distributed.device()
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
-    # bf16 compute on bf16 copies of fp32 shards, gradients reduced in fp32: what DeepSpeed's bf16 mode does.
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    # bf16 compute on bf16 copies of fp32 shards, gradients reduced in fp32: what build_ds_config makes DeepSpeed do.
+    # No input casts: the default would round each block's fp32 RoPE cos/sin to bf16, which DeepSpeed keeps fp32;
+    # the blocks' hidden states are already bf16 (the embedding's output), the root's inputs are token ids.
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     model.to(device)
     for block in [module for module in model.modules() if isinstance(module, Block)]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -49,8 +50,9 @@ class FSDPBackend(Backend):
 
     def __init__(self, cfg: TrainConfig, world_size: int, dtype: str):
         if dtype == "fp16":
-            raise ConfigError("--dtype fp16: --backend fsdp has no loss scaler here; use --dtype bf16 or fp32, "
-                              "or --backend deepspeed")
+            # Refused rather than torch's GradScaler: its skip decision is per rank and unchecked on FSDP2's shards.
+            raise ConfigError("--dtype fp16: --backend fsdp has no loss scaler here (fp16 gradients underflow "
+                              "without one); use --dtype bf16 or fp32, or --backend deepspeed (dynamic loss scaling)")
         super().__init__(dtype)
         self.world_size, self.grad_clip = world_size, cfg.grad_clip
 
@@ -65,13 +67,13 @@ class FSDPBackend(Backend):
                 "sharding": "fully_shard per transformer block + root, resharded after forward"}
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return shard(model, self.dtype)
+        return shard(model, self.torch_dtype)
 
     def trained(self, model, optimizer, scheduler) -> "FSDPModel":
         return FSDPModel(model, optimizer, scheduler, self.world_size, self.grad_clip)
 
     def frozen(self, module: torch.nn.Module):
-        return module.requires_grad_(False).eval().to(distributed.device())
+        return module.requires_grad_(False).eval().to(distributed.device(), self.torch_dtype)
 
 
 class FSDPModel(TrainedModel):

@@ -74,7 +74,7 @@ class RolloutMaker:
         module = unwrap(ctx.model)
         self.generator_model = module
         if backend.shards_parameters:
-            self.generator_model = type(module)(module.config).to(ctx.device).requires_grad_(False)
+            self.generator_model = type(module)(module.config).to(ctx.device, backend.torch_dtype).requires_grad_(False)
         self.reward_model = self.reward_config = None
         if cfg.reward == "model":
             source = resolve_weights(cfg, "reward_model", cfg.reward_model)
