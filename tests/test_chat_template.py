@@ -4,6 +4,8 @@ conversations; the SFT loss masks on them; fields a template does not render ref
 special-token strings in pretrain text; --data_path; --reward rule refused at start-up."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from data.formats import DataFormatError
 from data.prepare import prepare
 from data.tokenizer import DEFAULT_TOKENIZER_DIR, ChatTemplateError, load_tokenizer
 from model import ModelConfig
-from train.config import ConfigError, parse_config
+from train.config import REPO_ROOT, ConfigError, parse_config
 from train.data_loading import build_data, stage_data_config
 from train.ppo import PPOStage
 from train.rl import RLConfig
@@ -259,6 +261,15 @@ def test_data_path_is_a_one_source_mixture(tmp_path, cache):
     assert [data.prepared.split("train").doc(i)[0].tolist() for i in range(8)] == [
         tok.render_chat(record["conversations"])[0] for record in records]
     assert stage_data_config(parse_config({}, ["--data_path", str(source), "--max_seq_len", "64"]), SFT).max_seq_len == 64
+    with pytest.raises(ConfigError) as error:  # --use_prepared names the command that prepares it, which does
+        build_data(parse_config({}, ["--data_path", str(source), "--max_seq_len", "64", "--use_prepared"]), SFT,
+                   ModelConfig.from_preset("tiny"), rank=0, world_size=1)
+    command = str(error.value).split("Run: ")[1]
+    assert command.startswith(f"python -m data.prepare --data_path {source} --kind sft --max_seq_len 64 --tokenizer ")
+    subprocess.run([sys.executable, *command.split()[1:], "--cache_dir", str(tmp_path / "cache")], cwd=REPO_ROOT,
+                   check=True, capture_output=True)
+    prepared = parse_config({}, ["--data_path", str(source), "--max_seq_len", "64", "--use_prepared"])
+    assert build_data(prepared, SFT, ModelConfig.from_preset("tiny"), rank=0, world_size=1).prepared.reused
     with pytest.raises(ConfigError, match="give --data_path or --data_config, not both"):
         parse_config({}, ["--data_path", str(source), "--data_config", "config/data/posttrain/sft/general.yaml"])
 
