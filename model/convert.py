@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from data.tokenizer import load_tokenizer
-from model.hf import save_hf, special_token_ids
+from model.hf import save_hf
 from model.weights import load_pretrained
+from train.exports import hf_tokenizer_args
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -25,9 +26,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     try:
         model = load_pretrained(args.export)
-        tokenizer_dir = args.tokenizer or _recorded_tokenizer(args.export)
-        out = save_hf(model.state_dict(), model.config, args.out or args.export / "hf", tokenizer_dir,
-                      special_token_ids(load_tokenizer(tokenizer_dir)),
+        tokenizer = load_tokenizer(args.tokenizer or _recorded_tokenizer(args.export))
+        out = save_hf(model.state_dict(), model.config, args.out or args.export / "hf", **hf_tokenizer_args(tokenizer),
                       max_shard_bytes=int(args.max_shard_gb * 2**30))
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"python -m model.convert: {error}")

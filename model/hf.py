@@ -75,8 +75,9 @@ def hf_model_type(config: ModelConfig) -> str:
         return "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
     if config.num_shared_experts:
         raise ValueError(f"no standard transformers architecture has {config.num_shared_experts} always-on shared "
-                         "expert(s) beside GQA attention (Qwen2-MoE gates its shared expert by a sigmoid, DeepSeek-V2/V3 "
-                         "use latent attention); use num_shared_experts=0 for a Qwen3-MoE (qk_norm) or Mixtral model")
+                         "expert(s) beside GQA attention (Qwen2-MoE gates its shared expert by a sigmoid, "
+                         "DeepSeek-V2/V3 use latent attention); use num_shared_experts=0 for a Qwen3-MoE (qk_norm) "
+                         "or Mixtral model")
     if config.qkv_bias:
         raise ValueError("no standard transformers MoE architecture has q/k/v biases")
     if config.qk_norm:
@@ -128,10 +129,11 @@ def special_token_ids(tokenizer) -> dict:
 
 
 def save_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
-            tokenizer_dir: str | Path | None = None, special_ids: dict | None = None,
+            tokenizer_dir: str | Path | None = None, special_ids: dict | None = None, chat_template: str | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write a full Transformer(config) state dict as a transformers model directory: config.json,
-    generation_config.json, safetensors (sharded with an index above max_shard_bytes) and the tokenizer's files."""
+    generation_config.json, safetensors (sharded with an index above max_shard_bytes), the tokenizer's files and
+    chat_template (as chat_template.jinja) when given."""
     directory = Path(directory)
     special_ids = special_ids or {}
     values = hf_config(config, special_ids)
@@ -147,6 +149,8 @@ def save_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, directory:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+    if chat_template is not None:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     return directory
 
 
@@ -278,7 +282,8 @@ def _config_from_minimind(values: dict, source: str, has_qk_norm: bool) -> Model
     fields.ignore(*_NO_EFFECT, "flash_attn", "aux_loss_alpha", "seq_aux", "dropout", "intermediate_size")
     hidden = fields.take("hidden_size", 768 if has_qk_norm else 512)
     heads = fields.take("num_attention_heads", 8)
-    fields.require("head_dim", lambda v: v == hidden // heads, f"head_dim must be hidden_size/heads = {hidden // heads}")
+    fields.require("head_dim", lambda v: v == hidden // heads,
+                   f"head_dim must be hidden_size/heads = {hidden // heads}")
     fields.require("hidden_act", lambda v: v == "silu", "zerostage's FFN is SwiGLU (silu)")
     fields.require("inference_rope_scaling", lambda v: not v, "YaRN RoPE scaling is not implemented")
     fields.require("rope_scaling", lambda v: v is None, "RoPE scaling is not implemented")

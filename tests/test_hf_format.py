@@ -15,12 +15,13 @@ from data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 from model import ModelConfig, Transformer, save_pretrained
 from model.convert import main as convert
 from model.hf import hf_model_type, hf_name, load_hf, load_language_model, load_minimind, save_hf
-from train.config import ConfigError, parse_config
+from train.config import REPO_ROOT, ConfigError, parse_config
 from train.exports import export_language_model, resolve_from_weight
 from train.stage import build_language_model
 
 TOLERANCE = 1e-5
 SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+MINIMIND3_TOKENIZER = REPO_ROOT / "tests/fixtures/minimind/minimind3-tokenizer"  # vendored with its LICENSE
 DEFAULTS = dict(stage="sft", data_config="config/data/posttrain/sft/general.yaml")
 SMALL = dict(vocab_size=6400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256,
@@ -100,11 +101,25 @@ def test_stage_export_writes_hf_beside_zerostage_export_with_tokenizer_and_gener
     assert json.loads((hf_dir / "generation_config.json").read_text()) == SPECIAL_IDS
     assert max_logit_difference(model, AutoModelForCausalLM.from_pretrained(hf_dir)) <= TOLERANCE
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    texts = ["Hello, world! 你好，世界。\n    def f(x):\n        return x ** 2", "tabs\tand   spaces \n\n end", ""]
+    texts = ["Hello, world! 你好，世界。\n    def f(x):\n        return x ** 2", "tabs\tand  spaces \n\n end", ""]
     for text in texts:
         assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (
         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+
+
+@pytest.mark.parametrize("tokenizer_dir", [DEFAULT_TOKENIZER_DIR, MINIMIND3_TOKENIZER], ids=["shipped", "minimind3"])
+def test_exported_tokenizer_renders_chats_as_zerostage_trained_on_them(tmp_path, tokenizer_dir):
+    # The shipped tokenizer has no template of its own: the export carries the built-in ChatML it was trained with.
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig.from_preset("tiny")
+    export_language_model(Transformer(config).state_dict(), config, tmp_path, tokenizer)
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! 你好"}, {"role": "user", "content": "2+2?"}]
+    for generation_prompt in (False, True):
+        rendered = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=generation_prompt)
+        assert list(rendered["input_ids"]) == tokenizer.render_chat(chat, generation_prompt)[0]
 
 
 def test_stage_export_of_a_model_without_a_standard_architecture_warns_and_keeps_its_own_export(tmp_path, capsys):

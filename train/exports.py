@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from data.tokenizer import BUILT_IN_CHATML, Tokenizer
 from model import ModelConfig, save_state_dict
 from model.hf import INDEX_FILE, WEIGHTS_FILE, hf_model_type, save_hf, special_token_ids
 from train import distributed
@@ -58,8 +59,16 @@ def export_language_model(state_dict: dict, config: ModelConfig, directory: Path
     except ValueError as error:
         print(f"WARNING: no Hugging Face export in {directory / HF_EXPORT_DIR}: {error}", file=sys.stderr, flush=True)
         return directory
-    save_hf(state_dict, config, directory / HF_EXPORT_DIR, tokenizer.name_or_path, special_token_ids(tokenizer))
+    save_hf(state_dict, config, directory / HF_EXPORT_DIR, **hf_tokenizer_args(tokenizer))
     return directory
+
+
+def hf_tokenizer_args(tokenizer: Tokenizer) -> dict:
+    """save_hf's tokenizer arguments: the directory whose files are copied, the bos/eos/pad ids, and the chat template
+    when the directory holds none (the built-in ChatML the conversations were rendered with)."""
+    built_in = tokenizer.chat_template_source == BUILT_IN_CHATML
+    return dict(tokenizer_dir=tokenizer.name_or_path, special_ids=special_token_ids(tokenizer),
+                chat_template=tokenizer.chat_template if built_in else None)
 
 
 def write_provenance(directory: Path, stage: str, global_step: int, tokenizer) -> None:
