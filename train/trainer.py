@@ -107,7 +107,7 @@ class Trainer:
                             for epoch in range(cfg.epochs)]
         if min(self.epoch_steps) == 0:
             raise ConfigError(f"--batch_size {cfg.batch_size} × --accumulation_steps {cfg.accumulation_steps} × "
-                              f"{self.world_size} ranks needs more data than {cfg.data_config} holds "
+                              f"{self.world_size} ranks needs more data than {cfg.data_config or cfg.data_path} holds "
                               f"({len(self.data.train)} micro-batches per rank per epoch)")
         planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
@@ -268,7 +268,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """eval/* over the validation split: the stage's per-batch sums, reduced over ranks in one collective."""
         if self.data.val is None:
-            self.metrics.warn_once("no_val", f"{self.cfg.data_config} has no validation split: no eval/* metrics")
+            self.metrics.warn_once("no_val", f"{self.cfg.data_config or self.cfg.data_path} has no validation split: "
+                                               f"no eval/* metrics")
             return {}
         self.model.eval()
         self.stage.begin_evaluation(self.state.global_step)
