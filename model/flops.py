@@ -25,7 +25,9 @@ score matrix. Packed documents therefore cost Σ Lᵢ², not (Σ Lᵢ)². Paddin
 pass the lengths of real documents only.
 
 Training costs 3 × forward: backward runs two matmuls (input and weight gradients) for each
-forward one. Activation recomputation is not counted, as MFU measures useful work only.
+forward one. Activation recomputation is not counted, as MFU measures useful work only; what the
+hardware runs besides (HFU's numerator) adds `recomputed_flops`: the blocks' forward once more
+under activation checkpointing, the LM head's once more under the chunked loss.
 """
 
 from collections.abc import Sequence
@@ -71,6 +73,22 @@ def forward_flops(config: ModelConfig, doc_lengths, causal: bool = True, lm_head
     head = lm_head_flops_per_token(config)
     body = (matmul_flops_per_token(config) - head) * tokens
     return body + head * head_tokens + attention_flops(config, lengths, causal)
+
+
+def recomputed_flops(config: ModelConfig, doc_lengths, blocks: bool, lm_head_tokens: int = 0,
+                     causal: bool = True) -> int:
+    """Forward FLOPs a backward runs a second time: the transformer blocks' (weight matmuls and attention scores,
+    when `blocks`: activation checkpointing) and the LM head's at lm_head_tokens positions (the chunked loss)."""
+    lengths = _lengths(doc_lengths)
+    body = 0
+    if blocks:
+        body = forward_flops(config, lengths, causal, lm_head_tokens=0)
+        if not config.use_moe and config.dropout == 0:
+            # torch.utils.checkpoint stops recomputing once the last tensor the backward saved is back: a dense
+            # block's down projection, read only by the residual add, is not run again (a dropout mask saved after
+            # it, or an MoE's mixing and balance loss, keep everything before them recomputed).
+            body -= config.num_layers * 2 * config.intermediate_size * config.hidden_size * sum(lengths)
+    return body + lm_head_flops_per_token(config) * lm_head_tokens
 
 
 def generation_flops(config: ModelConfig, prompt_lengths, response_lengths, causal: bool = True) -> int:

@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import DocumentMask, Documents, attend
 from model.config import ModelConfig
@@ -153,3 +155,29 @@ class Transformer(nn.Module):
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (as returned with return_hidden) -> logits over the vocabulary."""
         return self.lm_head(hidden)
+
+    def label_logps(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0,
+                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([N] log p(label) in fp32, 0 where the label is -100; [N] entropy of p, or None) from final hidden states
+        [N, hidden] and labels [N].
+
+        chunk_tokens > 0: the LM head and its softmax run over chunks of that many positions, each under
+        torch.utils.checkpoint, so the backward recomputes a chunk's logits instead of keeping them: at most
+        [chunk_tokens, vocab] logits exist at once, never [N, vocab], for one more LM-head forward. 0: one chunk, kept.
+        """
+        if not chunk_tokens:
+            return self._chunk_logps(hidden, labels, with_entropy)
+        recompute = torch.is_grad_enabled()  # without a backward there is nothing to keep, nor to recompute
+        chunks = [checkpoint(self._chunk_logps, part, part_labels, with_entropy, use_reentrant=False) if recompute
+                  else self._chunk_logps(part, part_labels, with_entropy)
+                  for part, part_labels in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))]
+        logps = torch.cat([chunk_logps for chunk_logps, _ in chunks])
+        return logps, torch.cat([entropy for _, entropy in chunks]) if with_entropy else None
+
+    def _chunk_logps(self, hidden, labels, with_entropy: bool):
+        logits = self.lm_head(hidden).float()
+        logps = -F.cross_entropy(logits, labels, reduction="none")  # ignore_index -100: 0
+        if not with_entropy:
+            return logps, None
+        log_norm = logits.logsumexp(dim=-1)
+        return logps, log_norm - (logits.softmax(dim=-1) * logits).sum(dim=-1)

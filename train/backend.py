@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from train.activation_checkpointing import checkpoint_blocks
 from train.compile import compile_blocks
 from train.config import TrainConfig
 from train.nonfinite import Flag
@@ -111,6 +112,8 @@ class Backend:
 
     def wrap(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> TrainedModel:
         """`model` trained with AdamW and the warm-up + cosine schedule over `total_steps` optimizer steps."""
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)  # first: --compile compiles the checkpointed forward, as torchtitan orders them
         if cfg.compile:
             compile_blocks(model)
         model = self.prepare(model)  # sharded before the optimizer, which must hold the sharded parameters

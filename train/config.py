@@ -60,6 +60,8 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16: training precision, fp32 master weights (auto: bf16 on GPUs with native bf16, Ampere and newer; fp16 on older GPUs under DeepSpeed, fp32 there under FSDP; fp32 on CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for init, data order and sampling"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block's training forward (KV-cache decoding stays eager); the first steps pay the compile"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each transformer block's forward in the backward instead of keeping its activations (torch.utils.checkpoint): less memory for about one more forward of the blocks; logged as train/hfu_percent beside train/mfu_percent"})
+    loss_chunk_tokens: int = field(default=0, metadata={"help": "positions per chunk of the LM head + cross-entropy (and DPO/RL log-prob reads), each chunk's logits recomputed in the backward: never [tokens, vocab] fp32 logits at once, for one more LM-head forward (0: all positions at once, logits kept)"})
     nonfinite: str = field(default="skip", metadata={"help": "a NaN/Inf loss or gradient norm: skip (the update is not applied, counted in train/skipped_steps) | stop (checkpoint, error, exit 1); checked at each log step"})
 
     # Parallelism
@@ -110,7 +112,8 @@ class TrainConfig:
         require(self.nonfinite in ("skip", "stop"), "nonfinite", f"{self.nonfinite!r} is not one of skip, stop")
         for name in ("epochs", "batch_size", "accumulation_steps", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_interval", "eval_batches", "save_interval", "throughput_warmup_steps", "grad_clip", "weight_decay"):
+        for name in ("eval_interval", "eval_batches", "save_interval", "throughput_warmup_steps", "grad_clip", "weight_decay",
+                     "loss_chunk_tokens"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")

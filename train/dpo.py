@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, forward_flops, num_params
+from model.flops import recomputed_flops
 from train import distributed
 from train.config import ConfigError, TrainConfig
 from data.loader import IGNORE_INDEX
@@ -40,16 +41,15 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"--dpo_loss: {self.dpo_loss!r} is not one of {', '.join(LOSSES)}")
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def sequence_logps(model, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """([2P] Σ log p(label) over each answer's supervised positions in fp32, the MoE aux loss). Logits are
-    computed at those positions only, and log p is the label's logit minus the logsumexp: no log-softmax copy."""
+    computed at those positions only, chunk_tokens at a time (Transformer.label_logps; 0: all at once)."""
     output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
                    return_hidden=True, documents=batch.get("documents"))
     positions = batch["target_positions"]
-    logits = unwrap(model).logits_from_hidden(output.hidden.flatten(0, 1)[positions]).float()
-    targets = batch["labels"].flatten()[positions]
-    token_logps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
-    answers = torch.zeros(2 * len(batch["real_pairs"]), device=logits.device)
+    token_logps, _ = unwrap(model).label_logps(output.hidden.flatten(0, 1)[positions],
+                                               batch["labels"].flatten()[positions], chunk_tokens)
+    answers = torch.zeros(2 * len(batch["real_pairs"]), device=token_logps.device)
     return answers.index_add(0, batch["target_answers"], token_logps), output.aux_loss
 
 
@@ -92,10 +92,16 @@ class DPOStage(PairedStage):
                           supervised_tokens=targets, samples=batch["pairs"],
                           model_flops=4.0 * forward)
 
+    def recomputed_flops(self, batch: dict, model_config: ModelConfig) -> float:
+        cfg = self.ctx.cfg  # the policy's backward only: the reference runs without one
+        head_tokens = len(batch["target_positions"]) if cfg.loss_chunk_tokens else 0
+        return float(recomputed_flops(model_config, document_lengths(batch["doc_ids"]), cfg.activation_checkpointing,
+                                      head_tokens))
+
     def loss(self, model, batch: dict) -> LossOutput:
-        policy, aux_loss = sequence_logps(model, batch)
+        policy, aux_loss = sequence_logps(model, batch, self.loss_chunk_tokens)
         with torch.no_grad():
-            reference, _ = sequence_logps(self.reference, batch)
+            reference, _ = sequence_logps(self.reference, batch, self.loss_chunk_tokens)
         policy_chosen, policy_rejected = policy.detach().chunk(2)  # logps/*: sums over the answer, IPO or not
         if self.kind == "ipo":
             tokens = batch["targets_per_answer"].clamp_min(1)

@@ -33,6 +33,7 @@ class BatchStats:
     supervised_tokens: int  # tokens with a loss target
     samples: int  # sequences (or pairs, or prompts) of the micro-batch
     model_flops: float  # model FLOPs of the whole micro-batch step (forward + backward, all models)
+    recomputed_flops: float = 0.0  # forward FLOPs run again in the backward (activation checkpointing, chunked loss)
 
 
 def peak_memory_gb() -> tuple[float, Optional[float]]:
@@ -122,6 +123,7 @@ class _Window:
     rate_tokens: int = 0
     rate_samples: int = 0
     rate_flops: float = 0.0
+    rate_hardware_flops: float = 0.0  # rate_flops + the recomputed FLOPs
     rate_steps: int = 0
     rate_data_wait: float = 0.0  # host seconds spent getting and preparing the rate window's micro-batches
     extra_sums: dict = field(default_factory=dict)  # name -> device tensor
@@ -280,6 +282,7 @@ class MetricsTracker:
             w.rate_tokens += stats.input_tokens
             w.rate_samples += stats.samples
             w.rate_flops += stats.model_flops
+            w.rate_hardware_flops += stats.model_flops + stats.recomputed_flops
         for name, (value_sum, count) in (extras or {}).items():
             value_sum = value_sum.detach().to(torch.float64)
             w.extra_sums[name] = value_sum + w.extra_sums[name] if name in w.extra_sums else value_sum
@@ -318,7 +321,7 @@ class MetricsTracker:
             "computed_tokens": (w.computed_tokens, "sum"),
             "supervised_tokens": (w.supervised_tokens, "sum"),
             "rate_tokens": (w.rate_tokens, "sum"), "rate_samples": (w.rate_samples, "sum"),
-            "rate_flops": (w.rate_flops, "sum"),
+            "rate_flops": (w.rate_flops, "sum"), "rate_hardware_flops": (w.rate_hardware_flops, "sum"),
             "grad_norm": (self.last_grad_norm if self.last_grad_norm is not None else float("nan"), "rank0"),
             "peak_memory_gb": (peak_allocated, "max"),
             "peak_reserved_gb": (peak_reserved if peak_reserved is not None else float("nan"), "max"),
@@ -408,6 +411,9 @@ class MetricsTracker:
             "train/steps_per_second": steps / elapsed if rates_known else None,
             "train/tflops_per_device": per_device_flops / 1e12 if rates_known else None,
             "train/mfu_percent": mfu,
+            # The same rate with recomputation counted (what the device ran); equal to MFU without any.
+            "train/hfu_percent": (mfu * reduced["rate_hardware_flops"] / reduced["rate_flops"]
+                                  if mfu is not None and reduced["rate_flops"] else None),
             "system/step_time_s": step_time,
             "system/data_wait_percent": 100 * reduced["data_wait"] / elapsed if rates_known else None,
             "train/eta_minutes": (max(0, self.total_steps - global_step) * step_time

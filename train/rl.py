@@ -122,7 +122,7 @@ class RLStage(Stage):
 
     # ----- the step -----
     def _policy_objective(self, model, rollout: Rollout) -> LossOutput:
-        logps, _, aux_loss = response_logps(model, rollout)
+        logps, _, aux_loss = response_logps(model, rollout, chunk_tokens=self.ctx.cfg.loss_chunk_tokens)
         losses, clipped = self.policy_loss(rollout, logps)
         mask = rollout.mask
         return LossOutput(loss_sum=(losses * mask).sum(), aux_loss=aux_loss,

@@ -8,14 +8,15 @@ from train import distributed
 from train.backend import unwrap
 
 
-def response_logps(model, rollout, with_entropy: bool = False):
-    """([B, N] log π(response token), [B, N] entropy of π at its position or None, MoE aux loss) in fp32."""
+def response_logps(model, rollout, with_entropy: bool = False, chunk_tokens: int = 0):
+    """([B, N] log π(response token), [B, N] entropy of π at its position or None, MoE aux loss) in fp32; the logits
+    chunk_tokens positions at a time (Transformer.label_logps; 0: all at once)."""
     output = model(rollout.input_ids, doc_ids=rollout.doc_ids, position_ids=rollout.position_ids, return_hidden=True)
-    logits = unwrap(model).logits_from_hidden(output.hidden[:, rollout.prompt_width - 1:]).float()
-    log_norm = logits.logsumexp(dim=-1)
-    logps = logits.gather(-1, rollout.response[..., None]).squeeze(-1) - log_norm
-    entropy = log_norm - (logits.softmax(dim=-1) * logits).sum(dim=-1) if with_entropy else None
-    return logps, entropy, output.aux_loss
+    response = rollout.response
+    logps, entropy = unwrap(model).label_logps(output.hidden[:, rollout.prompt_width - 1:].flatten(0, 1),
+                                               response.flatten(), chunk_tokens, with_entropy)
+    return (logps.view(response.shape), entropy.view(response.shape) if with_entropy else None,
+            output.aux_loss)
 
 
 def response_values(critic, rollout) -> torch.Tensor:

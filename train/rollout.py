@@ -133,6 +133,7 @@ class RolloutMaker:
     @torch.no_grad()
     def read_logprobs(self, policy: TrainedModel, rollout: Rollout) -> None:
         """The log-probs of the policy that generated and of the frozen reference, and the KL between them."""
-        rollout.old_logps, rollout.entropy, _ = response_logps(policy, rollout, with_entropy=True)
-        rollout.ref_logps, _, _ = response_logps(self.reference, rollout)
+        chunk_tokens = self.cfg.loss_chunk_tokens
+        rollout.old_logps, rollout.entropy, _ = response_logps(policy, rollout, True, chunk_tokens)
+        rollout.ref_logps, _, _ = response_logps(self.reference, rollout, chunk_tokens=chunk_tokens)
         rollout.kl = k3_kl(rollout.old_logps, rollout.ref_logps) * rollout.mask

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from data.loader import IGNORE_INDEX, BatchLoader
 from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer, forward_flops
+from model.flops import recomputed_flops
 from model.attention import Documents
 from model.hf import load_language_model
-from train.backend import Backend, TrainedModel, Update
+from train.backend import Backend, TrainedModel, Update, unwrap
 from train.config import ConfigError, TrainConfig
 from train.exports import export_language_model
 from train.metrics import BatchStats
@@ -131,6 +131,7 @@ class Stage:
     config_class: type[TrainConfig] = TrainConfig  # a subclass adds the stage's own flags
     loss_unit: str = "token"  # what train/loss and eval/loss average over; perplexity only means something per token
     generates: bool = False  # its steps decode (RL rollouts): the device's memory bandwidth is measured for MBU
+    loss_chunk_tokens: int = 0  # --loss_chunk_tokens, from setup: the positions whose logits exist at once (0: all)
     ctx: StageContext
 
     def make_loader(self, store, cfg: TrainConfig, seq_len: int, rank: int, world_size: int, mode: str,
@@ -151,6 +152,7 @@ class Stage:
         """Called once the trained model exists and before a resume loads a checkpoint (extra models are made
         here, from the initial weights)."""
         self.ctx = ctx
+        self.loss_chunk_tokens = ctx.cfg.loss_chunk_tokens
 
     def trained_models(self) -> dict[str, TrainedModel]:
         """Trained models besides ctx.model (name -> model), saved and resumed with its checkpoints."""
@@ -166,8 +168,7 @@ class Stage:
         normaliser = updater.normaliser(sum(units))
         outputs, update = updater.update(self.ctx.model, micro_batches, self._device_loss, normaliser)
         counted = self.ctx.cfg.metrics  # with metrics off, not even the host counts
-        return StepReport([MicroBatchReport(output.loss_sum, weight,
-                                            self.batch_stats(batch, self.ctx.model_config) if counted else None,
+        return StepReport([MicroBatchReport(output.loss_sum, weight, self.counted_stats(batch) if counted else None,
                                             output.aux_loss, output.extras)
                            for batch, weight, output in zip(micro_batches, units, outputs)], update)
 
@@ -194,6 +195,16 @@ class Stage:
 
     def batch_stats(self, batch: dict, model_config: ModelConfig) -> BatchStats:
         raise NotImplementedError
+
+    def recomputed_flops(self, batch: dict, model_config: ModelConfig) -> float:
+        """Forward FLOPs the training step runs again in its backward under this run's options (hardware FLOPs
+        less model FLOPs): --activation_checkpointing, --loss_chunk_tokens."""
+        return 0.0
+
+    def counted_stats(self, batch: dict) -> BatchStats:
+        stats = self.batch_stats(batch, self.ctx.model_config)
+        stats.recomputed_flops = self.recomputed_flops(batch, self.ctx.model_config)
+        return stats
 
     def loss(self, model: TrainedModel, batch: dict) -> LossOutput:
         raise NotImplementedError
@@ -224,12 +235,18 @@ class LanguageModelStage(Stage):
             model_flops=3.0 * forward_flops(model_config, lengths),  # backward = 2 × forward
         )
 
+    def recomputed_flops(self, batch: dict, model_config: ModelConfig) -> float:
+        cfg = self.ctx.cfg
+        head_tokens = batch["input_ids"].numel() if cfg.loss_chunk_tokens else 0  # the head runs on every position
+        return float(recomputed_flops(model_config, document_lengths(batch["doc_ids"]), cfg.activation_checkpointing,
+                                      head_tokens))
+
     def loss(self, model: TrainedModel, batch: dict) -> LossOutput:
         output = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
-                       documents=batch.get("documents"))
-        loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return LossOutput(loss_sum=loss_sum, aux_loss=output.aux_loss)
+                       return_hidden=True, documents=batch.get("documents"))
+        logps, _ = unwrap(model).label_logps(output.hidden.flatten(0, 1), batch["labels"].flatten(),
+                                             self.loss_chunk_tokens)
+        return LossOutput(loss_sum=-logps.sum(), aux_loss=output.aux_loss)
 
 
 class PairedStage(Stage):
