@@ -11,10 +11,10 @@ import torch
 # Two xdist workers share two cores with the runs they start: more threads than free cores spin at OpenMP barriers.
 torch.set_num_threads(1)
 
-SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_preemption.py", "test_rl.py",
-                    "test_distributed_metrics.py", "test_preference_runs.py", "test_fsdp.py", "test_reliability.py",
-                    "test_run_dir.py", "test_compile.py", "test_packed_pairs.py", "test_metric_edges.py",
-                    "test_gpu_check.py"]
+SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_elastic_resume.py", "test_preemption.py",
+                    "test_rl.py", "test_distributed_metrics.py", "test_preference_runs.py", "test_fsdp.py",
+                    "test_reliability.py", "test_run_dir.py", "test_compile.py", "test_packed_pairs.py",
+                    "test_metric_edges.py", "test_gpu_check.py"]
 
 
 def pytest_collection_modifyitems(items):

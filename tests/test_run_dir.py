@@ -92,8 +92,9 @@ def test_a_second_run_on_a_locked_out_dir_is_refused_naming_the_first(tmp_path):
 
 
 @pytest.mark.parametrize("stage, change, differs", [
-    ("pretrain", ["--batch_size", "4"], "batch_size: 2 -> 4"),
-    ("pretrain", ["--accumulation_steps", "2"], "accumulation_steps: 1 -> 2"),
+    ("pretrain", ["--batch_size", "4"], "global batch: --batch_size 2 × --accumulation_steps 1 × 1 rank = 2 rows -> "
+                                         "--batch_size 4 × --accumulation_steps 1 × 1 rank = 4 rows"),
+    ("pretrain", ["--accumulation_steps", "2"], "-> --batch_size 2 × --accumulation_steps 2 × 1 rank = 4 rows"),
     ("pretrain", ["--seed", "7"], "seed: 42 -> 7"),
     ("pretrain", ["--max_seq_len", "32"], "seq_len: 64 -> 32"),
     ("pretrain", ["--model", "tiny-moe"], "model: {"),
@@ -109,10 +110,15 @@ def test_a_resume_that_is_not_the_same_run_is_refused(saved_run, tmp_path, stage
     assert snapshot(out_dir) == before
 
 
-def test_a_resume_on_another_number_of_ranks_is_refused_until_elastic_resume_exists(saved_run, tmp_path):
+def test_a_resume_on_a_number_of_ranks_that_cannot_keep_the_global_batch_is_refused(saved_run, tmp_path):
+    """Another number of ranks resumes (tests/test_elastic_resume.py) when a whole --accumulation_steps keeps the
+    global batch; 2 ranks of --batch_size 2 cannot read the 2 rows a step of the saved run read."""
     out_dir, before = resumable_copy(saved_run, tmp_path)
     result = run_stage("pretrain", out_dir, *RUN, "--from_resume", world_size=2, zero="2", check=False)
-    assert_refused(result, "was saved by 1 ranks and this run has 2")
+    assert_refused(result, f"--from_resume: {out_dir / 'checkpoints' / 'step_00000002'} was saved with a global "
+                   "batch of --batch_size 2 × --accumulation_steps 1 × 1 rank = 2 rows per optimizer step, which 2 "
+                   "ranks of --batch_size 2 cannot split into whole accumulation steps: resume on 1 rank(s), or give "
+                   "--batch_size B and --accumulation_steps A with B × A × 2 = 2")
     assert result.stderr.count("ERROR:") == 1  # rank 0 alone says it
     assert snapshot(out_dir) == before
 

@@ -179,6 +179,19 @@ def read_run(folder: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def newest_run(checkpoint_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """Before any checkpoint is verified: the newest folder whose run.json reads, and what it holds (every
+    checkpoint of one run has the same global batch, which is what a resume on another world size needs early)."""
+    for tag in reversed(_tags(checkpoint_dir)):
+        try:
+            run = read_run(checkpoint_dir / tag)
+        except (OSError, ValueError):  # a damaged checkpoint: usable_tag names it later
+            continue
+        if run is not None:
+            return checkpoint_dir / tag, run
+    return None, None
+
+
 def load(model: TrainedModel, checkpoint_dir: Path, tag: str, extra_models: Optional[dict[str, TrainedModel]] = None
          ) -> dict:
     """Collective: restore the models and this rank's RNG from checkpoint_dir/tag; returns the client state."""

@@ -7,9 +7,14 @@ world size to make that a sum), and only its ZeRO 1-3 and mixed-precision optimi
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import json
 import math
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -278,10 +283,35 @@ class DeepSpeedModel(TrainedModel):
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> tuple[bool, Optional[dict]]:
+        """Collective. ZeRO 1-3 saved by another number of ranks: through DeepSpeed's universal checkpoint, which
+        rank 0 converts into <tag>/universal once. ZeRO-0 files hold the whole optimizer: they load on any number."""
+        saved_ranks = len(list((directory / tag).glob(OPTIMIZER_SHARDS)))
+        universal = saved_ranks not in (0, distributed.world_size())
+        if universal:
+            directory, tag = directory / tag, universal_checkpoint(directory / tag, saved_ranks)
+        # DeepSpeed reads this switch at load time only; set for this load rather than in the config of every
+        # engine, so a resume on the same number of ranks keeps the native (exact, conversion-free) load.
+        self.engine._config.load_universal_checkpoint = universal
         path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
+        self.engine._config.load_universal_checkpoint = False
+        if universal and self.partitioned:
+            self._repair_zero3_universal_load(directory / tag)
         restore_peak_learning_rate(self.engine.lr_scheduler, self.peak_learning_rate)
         return path is not None, client_state
+
+    def _repair_zero3_universal_load(self, folder: Path) -> None:
+        """Two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_
+        dir_stage3), which made the loss drift 6e-4 from the uninterrupted run in 3 steps: every parameter group gets
+        the first group's settings (the norms would take weight decay), and one step-count tensor goes to every group,
+        which AdamW then advances in place once per group (Adam's bias correction runs ahead)."""
+        from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+        saved = torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False)[OPTIMIZER_STATE_DICT]
+        for group, own in zip(self.engine.optimizer.param_groups, saved["param_groups"]):
+            group.update({key: value for key, value in own.items() if key != "params"})
+        for state in self.engine.optimizer.optimizer.state.values():
+            state["step"] = state["step"].clone()
 
     def full_state_dict(self) -> Optional[dict]:
         """The fp32 master weights (the optimizer's), not the bf16/fp16 module's: an export of the module would round
@@ -311,6 +341,36 @@ class DeepSpeedModel(TrainedModel):
         for name, param in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], enabled=self.partitioned):
                 targets[name].data.copy_(param.data)
+
+
+OPTIMIZER_SHARDS = "*_optim_states.pt"  # one per rank under ZeRO 1-3, as ds_to_universal finds them
+UNIVERSAL = "universal"
+
+
+def universal_checkpoint(folder: Path, saved_ranks: int) -> str:
+    """Every rank: the tag, under `folder`, of its universal form (per parameter: the fp32 weight, Adam's moments
+    and step), made by rank 0 unless an earlier start made it; renamed into place whole, so a killed conversion is
+    redone rather than loaded."""
+    if distributed.is_main() and not (folder / UNIVERSAL).is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        print(f"{folder} was saved by {saved_ranks} ranks and this run has {distributed.world_size()}: converting it "
+              f"to DeepSpeed's universal checkpoint in {folder / UNIVERSAL}", flush=True)
+        scratch = folder / f"{UNIVERSAL}.partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        # One worker each: the rank's own process (a process pool forked from a rank would inherit its threads).
+        args = argparse.Namespace(input_folder=str(folder), output_folder=str(scratch / UNIVERSAL),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # the state only Megatron-DeepSpeed records
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the run's output
+            ds_to_universal.main(args)
+        (scratch / UNIVERSAL).rename(folder / UNIVERSAL)
+        shutil.rmtree(scratch)
+    # Waiting for the folder rather than in a barrier: a large model's conversion can outlast NCCL's 10-minute
+    # collective timeout. A rank 0 that fails exits, and the launcher then stops the waiting ranks.
+    while not (folder / UNIVERSAL).is_dir():
+        time.sleep(1)
+    return UNIVERSAL
 
 
 def full_gradient_norm(module: torch.nn.Module) -> Optional[torch.Tensor]:

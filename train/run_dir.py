@@ -8,10 +8,13 @@ out_dir that holds an earlier run's checkpoints, metrics or export is refused; -
 
 A checkpoint records what makes its run itself (train/trainer.py's run_identity); --from_resume compares it with
 this run's: a difference that would corrupt the run is refused with the differences listed, the options a resume
-may change (learning rate, intervals, max_steps, ...) are reported and take effect.
+may change (learning rate, intervals, max_steps, ...) are reported and take effect. The number of ranks is not part
+of the run: its global batch is (the rows each optimizer step reads, data/layout.py), and a resume on another number
+of ranks keeps it by changing --accumulation_steps (keep_global_batch).
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -120,26 +123,70 @@ NOT_COMPARED = ("from_resume", "start_over", "local_rank", "out_dir", "out_root"
                 "data_config", "tokenizer", "deepspeed", "backend", "allow_tokenizer_change", "reward_model")
 
 
-def check_resume(saved: Optional[dict], identity: dict, cfg: TrainConfig, where: Path) -> list[str]:
+def layout(cfg: TrainConfig, world_size: int) -> dict:
+    """How a run splits its global batch: what may change on a resume as long as the product stays."""
+    return {"world_size": world_size, "batch_size": cfg.batch_size, "accumulation_steps": cfg.accumulation_steps}
+
+
+def global_batch(split: dict) -> int:
+    """Rows per optimizer step: step s reads rows [s·G, (s+1)·G) of the epoch's order on any number of ranks."""
+    return split["batch_size"] * split["accumulation_steps"] * split["world_size"]
+
+
+def describe(split: dict) -> str:
+    return (f"--batch_size {split['batch_size']} × --accumulation_steps {split['accumulation_steps']} × "
+            f"{split['world_size']} rank{'s' if split['world_size'] > 1 else ''} = {global_batch(split)} rows")
+
+
+def saved_layout(saved: dict) -> dict:
+    """The layout a checkpoint's run.json records (before elastic resume it was part of the identity)."""
+    return saved.get("layout") or {name: saved["identity"][name] for name in ("world_size", "batch_size",
+                                                                                "accumulation_steps")}
+
+
+def keep_global_batch(cfg: TrainConfig, saved: Optional[dict], world_size: int, where: Path) -> TrainConfig:
+    """A resume on another number of ranks: `cfg` with the --accumulation_steps that keeps the saved global batch
+    (whatever --accumulation_steps says: a requeued job repeats its first start's flags); refused when no whole
+    accumulation does with this --batch_size."""
+    if saved is None or saved_layout(saved)["world_size"] == world_size:
+        return cfg  # the same shape: check_resume compares the global batch
+    before = saved_layout(saved)
+    wanted = global_batch(before)
+    accumulation, rest = divmod(wanted, cfg.batch_size * world_size)
+    if rest or not accumulation:
+        ranks = [str(n) for n in range(1, wanted + 1) if wanted % (cfg.batch_size * n) == 0]
+        ranks = " or ".join(filter(None, [", ".join(ranks[:-1]), ranks[-1]]))
+        raise ConfigError(f"--from_resume: {where} was saved with a global batch of {describe(before)} per "
+                          f"optimizer step, which {world_size} ranks of --batch_size {cfg.batch_size} cannot split "
+                          f"into whole accumulation steps: resume on {ranks} rank(s), or give --batch_size B and "
+                          f"--accumulation_steps A with B × A × {world_size} = {wanted}; or start a new run (another "
+                          f"--out_dir, or --start_over)")
+    adjusted = copy.copy(cfg)  # not dataclasses.replace: it would drop explicit_options, set on the instance
+    adjusted.accumulation_steps = accumulation
+    return adjusted
+
+
+def check_resume(saved: Optional[dict], identity: dict, cfg: TrainConfig, world_size: int, where: Path) -> list[str]:
     """Refuse a resume that is not the same run; returns the options it changes ("name: before -> now")."""
     if saved is None:
         if distributed.is_main():
             print(f"WARNING: {where} records no run identity (saved before zerostage recorded one): the resume is "
                   f"not checked against it", flush=True)
         return []
-    before = saved["identity"]
-    if before.get("world_size") != identity["world_size"]:
-        raise ConfigError(f"--from_resume: {where} was saved by {before.get('world_size')} ranks and this run has "
-                          f"{identity['world_size']}; resuming on another number of ranks is not supported yet: "
-                          f"start the run with {before.get('world_size')} ranks (NUM_GPUS / --nodes)")
-    different = [f"{name}: {before.get(name)!r} -> {value!r}" for name, value in identity.items()
+    before, before_layout, now_layout = saved["identity"], saved_layout(saved), layout(cfg, world_size)
+    before.setdefault("global_batch", global_batch(before_layout))  # a run.json from before elastic resume
+    different = [f"global batch: {describe(before_layout)} -> {describe(now_layout)}" if name == "global_batch"
+                 else f"{name}: {before.get(name)!r} -> {value!r}" for name, value in identity.items()
                  if before.get(name) != value]
     old_train, new_train = saved["train"], cfg.to_dict()
     different += [f"{name}: {old_train.get(name)!r} -> {value!r}" for name, value in new_train.items()
-                  if name not in RESUMABLE_CHANGES + NOT_COMPARED and name not in identity
+                  if name not in RESUMABLE_CHANGES + NOT_COMPARED and name not in identity and name not in now_layout
                   and name in old_train and old_train[name] != value]  # an option newer than the save: not compared
     if different:
         raise ConfigError(f"--from_resume: this is not the run saved in {where}; these differ: {'; '.join(different)}. "
                           f"Resume with the saved settings, or start a new run (another --out_dir, or --start_over)")
-    return [f"{name}: {old_train[name]!r} -> {value!r}" for name, value in new_train.items()
-            if name in RESUMABLE_CHANGES and name in old_train and old_train[name] != value]
+    changed = [f"{name}: {old_train[name]!r} -> {value!r}" for name, value in new_train.items()
+               if name in RESUMABLE_CHANGES and name in old_train and old_train[name] != value]
+    if before_layout != now_layout:
+        changed.append(f"layout: {describe(before_layout)} -> {describe(now_layout)} (the same global batch)")
+    return changed

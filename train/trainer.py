@@ -63,17 +63,19 @@ class TrainState:
     wandb_id: Optional[str] = None
 
     def state_dict(self) -> dict:
-        """`epoch` / `next_batch`: where a resumed run picks up the data (a micro-batch index)."""
+        """`epoch` / `epoch_step`: where a resumed run picks up the data, in optimizer steps of the epoch, which
+        read the same rows on any number of ranks (the global batch is kept, train/run_dir.py)."""
         if self.epoch_step == self.epoch_steps[self.epoch]:
-            epoch, next_batch = self.epoch + 1, 0
+            epoch, epoch_step = self.epoch + 1, 0
         else:
-            epoch, next_batch = self.epoch, self.epoch_step * self.accumulation_steps
-        return {"global_step": self.global_step, "epoch": epoch, "next_batch": next_batch,
+            epoch, epoch_step = self.epoch, self.epoch_step
+        return {"global_step": self.global_step, "epoch": epoch, "epoch_step": epoch_step,
                 "metrics": self.metrics.state_dict(), "wandb_id": self.wandb_id, "stage": self.stage}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step, self.epoch = state["global_step"], state["epoch"]
-        self.epoch_step = state["next_batch"] // self.accumulation_steps
+        # A checkpoint from before elastic resume holds this rank's micro-batch index, saved on this many ranks.
+        self.epoch_step = state.get("epoch_step", state.get("next_batch", 0) // self.accumulation_steps)
         self.metrics.load_state_dict(state["metrics"])
         self.wandb_id = state.get("wandb_id")
 
@@ -91,6 +93,9 @@ class Trainer:
         self.world_size, self.device = distributed.world_size(), distributed.device()
         self.out_dir = cfg.resolve_path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        if cfg.from_resume:  # before anything sized by --accumulation_steps is made
+            folder, saved = checkpoint.newest_run(self.checkpoint_dir)
+            self.cfg = cfg = run_dir.keep_global_batch(cfg, saved, self.world_size, folder)
 
         # The backend first: an option this machine cannot honour fails before the model and data are made.
         self.backend = build_backend(cfg, self.world_size)
@@ -144,15 +149,15 @@ class Trainer:
         """What makes this run itself: a resume that differs in any of these would be another run."""
         return {"stage": self.stage.name, "model": self.model_config.to_dict(),
                 "tokenizer_sha256": self.data.tokenizer.fingerprint, "data_key": self.data.prepared.key,
-                "packing": self.data.mode, "seq_len": self.data.seq_len, "batch_size": self.cfg.batch_size,
-                "accumulation_steps": self.cfg.accumulation_steps, "world_size": self.world_size,
+                "packing": self.data.mode, "seq_len": self.data.seq_len,
+                "global_batch": run_dir.global_batch(run_dir.layout(self.cfg, self.world_size)),
                 "backend": self.backend.describe(), "dtype": self.backend.dtype, "seed": self.cfg.seed}
 
     def _check_resume(self) -> str:
         """The checkpoint to resume (the latest that verifies), once it is known to be this run's."""
         tag = checkpoint.usable_tag(self.checkpoint_dir)
         changed = run_dir.check_resume(checkpoint.read_run(self.checkpoint_dir / tag), self.run_identity(),
-                                       self.cfg, self.checkpoint_dir / tag)
+                                       self.cfg, self.world_size, self.checkpoint_dir / tag)
         if changed and distributed.is_main():
             print(f"resuming with changed options: {'; '.join(changed)}", flush=True)
         return tag
@@ -162,7 +167,8 @@ class Trainer:
         self.state.load_state_dict(state)
         if distributed.is_main():
             print(f"resumed from {self.checkpoint_dir / tag}: step {self.state.global_step}, epoch "
-                  f"{self.state.epoch + 1}, micro-batch {state['next_batch']}", flush=True)
+                  f"{self.state.epoch + 1}, micro-batch {self.state.epoch_step * self.cfg.accumulation_steps} on "
+                  + ("1 rank" if self.world_size == 1 else f"each of {self.world_size} ranks"), flush=True)
 
     def _build_loggers(self) -> MultiLogger:
         loggers = [ConsoleLogger(), JsonlLogger(self.out_dir / "metrics.jsonl")]
@@ -315,7 +321,8 @@ class Trainer:
         try:
             path = checkpoint.save(self.model, self.checkpoint_dir, self.state.global_step, self.state.state_dict(),
                                    self.cfg.keep_checkpoints, self.stage.trained_models(),
-                                   run={"identity": self.run_identity(), "train": self.cfg.to_dict()})
+                                   run={"identity": self.run_identity(), "train": self.cfg.to_dict(),
+                                        "layout": run_dir.layout(self.cfg, self.world_size)})
         except Exception as error:
             raise checkpoint.disk_full_error(error, self.checkpoint_dir / checkpoint.tag_for(self.state.global_step),
                                              previous) or error
