@@ -124,61 +124,72 @@ def activations(job: Job) -> tuple[int, int, str]:
     return kept, max(loss, block), f"{config.num_layers} block inputs + one block recomputed"
 
 
-def model_state(job: Job, sizes: dict[str, int]) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]],
-                                                         list[tuple[str, int, str]]]:
-    """(persistent terms, buffers that live through the forward/backward beside the activations, buffers of the
-    optimizer step), each (name, bytes, source). DeepSpeed's are read off its 0.19.8 source (stage_1_and_2.py,
-    stage3.py): what it allocates, in which dtype, for how long."""
+# When a buffer is alive, relative to the activations: kept for the whole step; beside them (summed with them);
+# filling as the backward frees them (gradients made block by block: the larger of the two counts); the optimizer step.
+PHASES = {"persistent": "", "beside": " [fwd/bwd]", "filling": " [bwd, as activations free]", "step": " [step]"}
+
+
+def model_state(job: Job, sizes: dict[str, int]) -> dict[str, list[tuple[str, int, str]]]:
+    """phase (PHASES) -> [(term, bytes, source)]. DeepSpeed's buffers are read off its 0.19.8 source
+    (stage_1_and_2.py, stage3.py): what it allocates, in which dtype, for how long."""
     P, N, b = sum(sizes.values()), job.world_size, job.bytes
     shard = math.ceil(P / N)
     block = block_params(job.config, sizes)
-    # A GPU allocator holds a bucket whole; on a CPU only the pages written count, at most the model's gradients.
-    bucket = REDUCE_BUCKET if job.device == "cuda" else min(REDUCE_BUCKET, P)
+    cpu = job.device == "cpu"
+    # A GPU allocator holds ZeRO-2's bucket whole from the backward's start; on a CPU only the pages written count, at
+    # most the model's gradients, written as the activations are freed (measured: bench/scaling.py).
+    bucket = min(REDUCE_BUCKET, P) if cpu else REDUCE_BUCKET
     # torch's foreach AdamW (CPU) makes one fp32 temporary per state tensor (sqrt of the second moment); fused: none.
-    adam_temp = [("AdamW temporary (foreach)", shard * FP32, "CPU only")] if job.device == "cpu" else []
+    adam_temp = [("AdamW temporary (foreach)", shard * FP32, "CPU only")] if cpu else []
     stage, dtype = job.backend, job.dtype
     if stage == "zero0":
         if dtype == "fp32":
-            return [("parameters (fp32, replicated)", P * FP32, "the module's weights are the masters"),
-                    ("Adam moments (fp32, replicated)", 2 * P * FP32, "fused AdamW")], \
-                [("gradients (fp32, replicated)", P * FP32, "all-reduced in place")], []
-        return [(f"parameters ({dtype}, replicated)", P * b, ""),
-                ("fp32 masters (replicated)", P * FP32, "FP16_UnfusedOptimizer's fp32_groups"),
-                ("Adam moments (fp32, replicated)", 2 * P * FP32, "")], \
-            [(f"gradients ({dtype}, replicated)", P * b, "accumulated in the model dtype at ZeRO-0")], \
-            [("fp32 gradients for the step", P * FP32, "the wrapper's fp32 copy")]
+            return {"persistent": [("parameters (fp32, replicated)", P * FP32, "the module's weights are the masters"),
+                                   ("Adam moments (fp32, replicated)", 2 * P * FP32, "fused AdamW")],
+                    "filling": [("gradients (fp32, replicated)", P * FP32, "all-reduced in place")]}
+        return {"persistent": [(f"parameters ({dtype}, replicated)", P * b, ""),
+                               ("fp32 masters (replicated)", P * FP32, "FP16_UnfusedOptimizer's fp32_groups"),
+                               ("Adam moments (fp32, replicated)", 2 * P * FP32, "")],
+                "filling": [(f"gradients ({dtype}, replicated)", P * b, "accumulated in the model dtype at ZeRO-0")],
+                "step": [("fp32 gradients for the step", P * FP32, "the wrapper's fp32 copy")]}
     if stage in ("zero1", "zero2"):
         persistent = [(f"parameters ({dtype}, replicated)", P * b, "DeepSpeed's flat buffer"),
                       ("fp32 master partition", shard * FP32, "cloned from the flat buffer, fp32 runs too"),
                       ("Adam moments (fp32, partitioned)", 2 * shard * FP32, "")]
         if stage == "zero1":
             # BF16_Optimizer (bf16) and the grad_accum attribute (fp16, fp32: param.grad) hold whole fp32 gradients.
-            return persistent, [("gradients (fp32, replicated)", P * FP32, "reduced at the step")], \
-                [("fp32 gradient partition for the step", shard * FP32, "")] + adam_temp
-        return persistent, [(f"reduce bucket ({dtype})", bucket * b, f"{REDUCE_BUCKET:.0e} elements, each backward"),
-                            (f"gradient partition ({dtype})", shard * b, "grads_in_partition")], \
-            [("fp32 gradient partition for the step", shard * FP32, "the masters' .grad, flattened")] + adam_temp
+            return {"persistent": persistent + [("gradients (fp32, replicated)", P * FP32, "reduced at the step")],
+                    "step": [("fp32 gradient partition for the step", shard * FP32, "")] + adam_temp}
+        bucket_term = (f"reduce bucket ({dtype})", bucket * b, f"{REDUCE_BUCKET:.0e} elements, each backward")
+        return {"persistent": persistent,
+                "beside": [] if cpu else [bucket_term],
+                "filling": ([bucket_term] if cpu else []) + [(f"gradient partition ({dtype})", shard * b,
+                                                              "grads_in_partition")],
+                "step": [("fp32 gradient partition for the step", shard * FP32, "the masters' .grad, flattened")]
+                + adam_temp}
     if stage == "zero3":
         small = sum(n for n in sizes.values() if n < PERSISTENCE_THRESHOLD)
-        return [(f"parameter partition ({dtype})", shard * b, "ds_tensor"),
-                (f"small parameters ({dtype}, replicated)", small * b,
-                 f"under {PERSISTENCE_THRESHOLD:.0e} elements: never partitioned"),
-                ("fp32 master partition", shard * FP32, ""),
-                ("Adam moments (fp32, partitioned)", 2 * shard * FP32, ""),
-                ("gradient partition (fp32)", shard * FP32, "grad_partitions_flat_buffer"),
-                ("reduce bucket (fp32)", bucket * FP32, f"{REDUCE_BUCKET:.0e} elements, made at start-up")], \
-            [(f"gathered parameters ({dtype})", min(P, block + PREFETCH_BUCKET) * b,
-              f"a block + the {PREFETCH_BUCKET:.0e}-element prefetch, at most the model")], adam_temp
+        return {"persistent": [(f"parameter partition ({dtype})", shard * b, "ds_tensor"),
+                               (f"small parameters ({dtype}, replicated)", small * b,
+                                f"under {PERSISTENCE_THRESHOLD:.0e} elements: never partitioned"),
+                               ("fp32 master partition", shard * FP32, ""),
+                               ("Adam moments (fp32, partitioned)", 2 * shard * FP32, ""),
+                               ("gradient partition (fp32)", shard * FP32, "grad_partitions_flat_buffer"),
+                               ("reduce bucket (fp32)", bucket * FP32, f"{REDUCE_BUCKET:.0e} elements, made at start-up")],
+                "beside": [(f"gathered parameters ({dtype})", min(P, block + PREFETCH_BUCKET) * b,
+                            f"a block + the {PREFETCH_BUCKET:.0e}-element prefetch, at most the model")],
+                "step": adam_temp}
     # FSDP2: the fp32 shards are the masters; one block is gathered at a time plus the next one prefetched, the root
     # (embedding / tied head, final norm) stays gathered from its forward to its backward; a block's gradients are
     # made unsharded and copied into the fp32 reduce-scatter input.
     root = P - job.config.num_layers * block
-    return [("parameter shards (fp32 masters)", shard * FP32, "DTensor shards"),
-            ("Adam moments (fp32, sharded)", 2 * shard * FP32, ""),
-            ("gradient shards (fp32)", shard * FP32, "reduce_dtype fp32")], \
-        [(f"gathered parameters ({dtype})", (root + 2 * block) * b, "the root + two blocks"),
-         ("a block's unsharded gradients", block * b + block * FP32, f"{dtype} + the fp32 reduce-scatter input")], \
-        adam_temp
+    return {"persistent": [("parameter shards (fp32 masters)", shard * FP32, "DTensor shards"),
+                           ("Adam moments (fp32, sharded)", 2 * shard * FP32, ""),
+                           ("gradient shards (fp32)", shard * FP32, "reduce_dtype fp32")],
+            "beside": [(f"gathered parameters ({dtype})", (root + 2 * block) * b, "the root + two blocks"),
+                       ("a block's unsharded gradients", block * b + block * FP32,
+                        f"{dtype} + the fp32 reduce-scatter input")],
+            "step": adam_temp}
 
 
 def communication(job: Job, sizes: dict[str, int]) -> list[tuple[str, int, str]]:
@@ -214,34 +225,37 @@ def plan(job: Job) -> Plan:
     if job.backend == "fsdp" and job.dtype == "fp16":
         raise ValueError("--backend fsdp refuses fp16 (docs/precision.md)")
     sizes = parameter_sizes(job.config)
-    persistent, backward, step = model_state(job, sizes)
+    phases = model_state(job, sizes)
     kept, loss_extra, note = activations(job)
     loss_note = (f"[{min(job.loss_chunk_tokens or job.tokens, job.tokens):,} × {job.config.vocab_size:,}] fp32 × 3"
                  if loss_extra == loss_peak_bytes(job.config, job.tokens, job.loss_chunk_tokens)
-                 else "one block's activations")
-    backward = [(f"activations ({job.dtype}, {job.tokens:,} tokens a rank)", kept, note),
-                ("loss / recomputation peak", loss_extra, loss_note)] + backward
-    total = sum(size for _, size, _ in persistent)
-    forward_backward, optimizer_step = (sum(size for _, size, _ in part) for part in (backward, step))
-    memory = ([(name, size, note) for name, size, note in persistent]
-              + [(f"{name} [fwd/bwd]", size, note) for name, size, note in backward]
-              + [(f"{name} [step]", size, note) for name, size, note in step])
+                 else "one block recomputed, with its backward")
+    phases["beside"] = [(f"activations ({job.dtype}, {job.tokens:,} tokens a rank)", kept, note),
+                        ("loss / recomputation peak", loss_extra, loss_note)] + phases.get("beside", [])
+    total = {phase: sum(size for _, size, _ in phases.get(phase, [])) for phase in PHASES}
+    memory = [(name + PHASES[phase], size, note) for phase in PHASES for name, size, note in phases.get(phase, [])]
+    # The backward starts with every activation and ends with every gradient: the larger of the two, plus the rest.
+    forward_backward = total["beside"] - (kept + loss_extra) + max(kept + loss_extra, total["filling"])
+    highest = total["persistent"] + max(forward_backward, total["step"])
     assumptions = [
         f"model: {sum(sizes.values()):,} parameters ({job.config.num_layers} blocks of "
         f"{block_params(job.config, sizes):,}), counted on the model built on the meta device",
         f"{job.backend} at {job.world_size} ranks, micro-batch {job.batch_size} × {job.seq_len} tokens, {job.dtype} "
         f"compute, fp32 masters and Adam moments, gradients reduced in fp32 (docs/precision.md)",
-        "peak = persistent terms + the larger of [fwd/bwd] (activations, the loss's peak and the buffers alive "
-        "beside them, summed) and [step] (the optimizer step's buffers)",
+        "peak = persistent terms + the larger of the backward's start and end (everything [fwd/bwd], with the "
+        "activations and loss peak or the gradients [bwd, as activations free], whichever is larger) and the "
+        "optimizer [step]",
         f"ZeRO buckets as ds_configs/: reduce {REDUCE_BUCKET:.0e}, prefetch {PREFETCH_BUCKET:.0e}, persistence "
         f"{PERSISTENCE_THRESHOLD:.0e} elements; on a CPU a bucket counts only the pages written (at most the model)",
+        f"device {job.device}: " + ("foreach AdamW, one temporary a state tensor" if job.device == "cpu" else
+                                    "fused AdamW, buckets allocated whole"),
         "activations: packed rows, per-document SDPA (flash-attn's varlen saves the same q, k, v, output and "
         "log-sum-exp), eager RMSNorm, dense blocks, dropout 0",
         "not counted: the framework's own memory (CUDA context, NCCL buffers, allocator caching and fragmentation; on "
         "a CPU the interpreter, libraries and data: bench/scaling.py measures it), collectives' temporaries, MoE, "
         "offload",
     ]
-    return Plan(memory, total + max(forward_backward, optimizer_step), communication(job, sizes), assumptions)
+    return Plan(memory, highest, communication(job, sizes), assumptions)
 
 
 def load_config(name: str, seq_len: int) -> ModelConfig:
