@@ -535,7 +535,7 @@ def host_lost(cluster) -> HostLost:
     name = "host-lost"
     workdir = cluster.root / "jobs" / name
     out_dir = workdir / "out"
-    args = ["--model", "tiny", "--max_steps", "15", "--log_interval", "5", "--eval_interval", "0",
+    args = ["--model", "tiny", "--max_steps", "10", "--log_interval", "5", "--eval_interval", "0",
             "--eval_batches", "1", "--save_interval", "5", "--from_weight", "none"]
     job_id = cluster.submit(name, workdir, {"STAGE": "pretrain", "OUT_DIR": str(out_dir), "GPUS_PER_NODE": "1"},
                             ["--nodes=2"], args)
@@ -571,10 +571,21 @@ def test_a_lost_host_ends_the_start_and_the_job_is_requeued(cluster, host_lost):
 
 
 def test_the_one_host_left_resumes(host_lost):
-    """The second start runs on one host, so one rank would resume what two ranks saved. Until the resume on another
-    world size lands (issue 17, first bullet), the trainer refuses it by name and the job fails without a loop."""
-    second = host_lost.text.partition("start 2 (SLURM_RESTART_COUNT=1)")[2]
-    assert "was saved by 2 ranks and this run has 1; resuming on another number of ranks is not supported yet" \
-        in second, second[-5000:]
-    assert host_lost.info["JobState"] == "FAILED" and host_lost.info["Restarts"] == "1", host_lost.info
-    assert "requeuing" not in second
+    """The second start runs on one host, so one rank resumes what two ranks saved (the resume on another world
+    size, issue 17's first bullet): the same global batch (twice the accumulation), the counters and the data
+    position continue, and the run finishes."""
+    run = host_lost
+    assert run.info["JobState"] == "COMPLETED" and run.info["ExitCode"] == "0:0", f"{run.info}\n{_tail(run.log, 6000)}"
+    assert run.info["Restarts"] == "1" and run.info["NumNodes"] == "1", run.info
+    second = run.text.partition("start 2 (SLURM_RESTART_COUNT=1)")[2]
+    assert re.search(r"resuming with changed options: layout: .* 2 ranks = (\d+) rows -> .* 1 rank = \1 rows "
+                     r"\(the same global batch\)", second), second[-5000:]
+    assert "world 1," in second and "] done" in second
+    records = run.metrics()
+    steps = [r["train/global_step"] for r in records]
+    assert steps == [5, 10], steps
+    # Packed rows without padding: every step reads the same number of tokens, before and after the resume.
+    per_step = records[0]["train/num_input_tokens_seen"] / 5
+    assert [r["train/num_input_tokens_seen"] for r in records] == [per_step * s for s in steps], records
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+    assert (run.out_dir / "export" / "model.safetensors").is_file()

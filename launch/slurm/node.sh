@@ -35,7 +35,8 @@ unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 case "$launcher" in
   deepspeed)
     # The deepspeed launcher reads the world from a hostfile; --no_ssh starts only this node's ranks.
-    hostfile="${TMPDIR:-/tmp}/zerostage-hostfile.${SLURM_JOB_ID}.${node_rank}"
+    # mktemp: a node-local /tmp may be shared by several slurmd (or clusters) whose job ids collide.
+    hostfile=$(mktemp "${TMPDIR:-/tmp}/zerostage-hostfile.${SLURM_JOB_ID}.${node_rank}.XXXXXX") || exit 2
     for host in "${hosts[@]}"; do echo "$host slots=$GPUS_PER_NODE"; done > "$hostfile"
     cmd=(deepspeed --no_ssh --hostfile "$hostfile" --node_rank "$node_rank" --num_nodes "$nnodes"
          --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@")
