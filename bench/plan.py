@@ -179,16 +179,18 @@ def model_state(job: Job, sizes: dict[str, int]) -> dict[str, list[tuple[str, in
                 "beside": [(f"gathered parameters ({dtype})", min(P, block + PREFETCH_BUCKET) * b,
                             f"a block + the {PREFETCH_BUCKET:.0e}-element prefetch, at most the model")],
                 "step": adam_temp}
-    # FSDP2: the fp32 shards are the masters; one block is gathered at a time plus the next one prefetched, the root
-    # (embedding / tied head, final norm) stays gathered from its forward to its backward; a block's gradients are
-    # made unsharded and copied into the fp32 reduce-scatter input.
+    # FSDP2: the fp32 shards are the masters; the root (embedding / tied head, final norm) stays gathered from its
+    # forward to its backward; the backward gathers a block (and prefetches the next) and makes its gradients unsharded,
+    # copied into the fp32 reduce-scatter input, one block at a time as it frees the activations (measured: these peak
+    # against the activations and the loss's peak, not on top of them).
     root = P - job.config.num_layers * block
     return {"persistent": [("parameter shards (fp32 masters)", shard * FP32, "DTensor shards"),
                            ("Adam moments (fp32, sharded)", 2 * shard * FP32, ""),
                            ("gradient shards (fp32)", shard * FP32, "reduce_dtype fp32")],
-            "beside": [(f"gathered parameters ({dtype})", (root + 2 * block) * b, "the root + two blocks"),
-                       ("a block's unsharded gradients", block * b + block * FP32,
-                        f"{dtype} + the fp32 reduce-scatter input")],
+            "beside": [(f"gathered root parameters ({dtype})", root * b, "embedding / tied head, final norm")],
+            "filling": [(f"two gathered blocks ({dtype})", 2 * block * b, "the block and the prefetched next"),
+                        ("a block's unsharded gradients", block * b + block * FP32,
+                         f"{dtype} + the fp32 reduce-scatter input")],
             "step": adam_temp}
 
 

@@ -217,11 +217,12 @@ def report(results: list[dict], baselines: dict) -> None:
     print(markdown)
     ran = [r for r in results if "error" not in r]
     if ran:
-        errors = [abs(r["predicted_gb"] / r["peak_gb"] - 1) for r in ran]
-        above = [abs(r["plan_gb"] / (r["peak_gb"] - r["baseline_gb"]) - 1) for r in ran]
-        print(f"plan error, whole resident set: mean {100 * sum(errors) / len(errors):.0f}%, worst "
-              f"{100 * max(errors):.0f}%; above the baseline: mean {100 * sum(above) / len(above):.0f}%, worst "
-              f"{100 * max(above):.0f}%")
+        for label, errors in (("whole resident set", [r["predicted_gb"] / r["peak_gb"] - 1 for r in ran]),
+                              ("above the baseline",
+                               [r["plan_gb"] / (r["peak_gb"] - r["baseline_gb"]) - 1 for r in ran])):
+            print(f"plan error, {label}: mean {100 * sum(errors) / len(errors):+.1f}%, mean absolute "
+                  f"{100 * sum(map(abs, errors)) / len(errors):.1f}%, from {100 * min(errors):+.0f}% to "
+                  f"{100 * max(errors):+.0f}%")
 
 
 if __name__ == "__main__":
