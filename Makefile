@@ -1,8 +1,9 @@
 # Set-up is part of every target: a fresh machine needs only Python 3.11 and these two commands.
 #   make demo   tiny model through every stage on the shipped/generated demo data (CPU when there is no GPU)
 #   make test   the test suite (what .ci/run runs); installs requirements-test.txt (transformers, the reference)
-#   make bench-peer  zerostage vs HF Trainer (SFT) and TRL DPOTrainer (DPO) on this CPU (bench/peer.py; flags in
-#                    PEER_FLAGS, e.g. PEER_FLAGS="--threads 8"); installs requirements-bench.txt, which make test never needs
+#   make bench-peer  zerostage vs TRL on this CPU: SFTTrainer packed (SFT), GRPOTrainer (GRPO), DPOTrainer (DPO)
+#                    (bench/peer.py; flags in PEER_FLAGS, e.g. PEER_FLAGS="--threads 8 --only sft,grpo"); installs
+#                    requirements-bench.txt, which make test never needs
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
