@@ -45,6 +45,13 @@ def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, dro
     return np.where(rows < num_rows, rows, EMPTY_ROW)
 
 
+def batches_from(batches, start_batch: int):
+    """An epoch's batches from start_batch on: where a resumed run continues (0 to len(batches), the end)."""
+    if not 0 <= start_batch <= len(batches):
+        raise ValueError(f"start_batch {start_batch} is not in [0, {len(batches)}]")
+    return batches[start_batch:]
+
+
 def check_loader_options(store, batch_size: int, rank: int, world_size: int, weights):
     if len(store) == 0:
         raise ValueError(f"{store!r} has no documents")

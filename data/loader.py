@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.layout import (EMPTY_ROW, check_loader_options, epoch_documents, fit_pair_lengths, pack_pairs,
+from data.layout import (EMPTY_ROW, batches_from, check_loader_options, epoch_documents, fit_pair_lengths, pack_pairs,
                          rank_batches)
 from data.store import PairedStore
 
@@ -98,11 +98,8 @@ class BatchLoader:
 
     def iterate(self, epoch: int, start_batch: int = 0):
         """This rank's batches of an epoch from start_batch on: resuming replays the same order."""
-        batches = self.batches(epoch)
-        if not 0 <= start_batch <= len(batches):
-            raise ValueError(f"start_batch {start_batch} is not in [0, {len(batches)}]")
         layout = self.layout(epoch)
-        for rows in batches[start_batch:]:
+        for rows in batches_from(self.batches(epoch), start_batch):
             yield self.collate(layout, rows)
 
     def padding_fraction(self, epoch: int = 0) -> float:

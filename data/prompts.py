@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from data.formats import read_records
-from data.layout import EMPTY_ROW, check_loader_options, epoch_documents, rank_batches
+from data.layout import EMPTY_ROW, batches_from, check_loader_options, epoch_documents, rank_batches
 from data.store import TokenStore
 
 
@@ -52,10 +52,7 @@ class PromptLoader:
         return len(self.batches(0))
 
     def iterate(self, epoch: int, start_batch: int = 0):
-        batches = self.batches(epoch)
-        if not 0 <= start_batch <= len(batches):
-            raise ValueError(f"start_batch {start_batch} is not in [0, {len(batches)}]")
-        for documents in batches[start_batch:]:
+        for documents in batches_from(self.batches(epoch), start_batch):
             yield {
                 "prompt_ids": [self.store.doc(i)[0].astype(int).tolist() for i in documents],
                 "answers": [self.store.answers[i] for i in documents],

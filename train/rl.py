@@ -139,7 +139,7 @@ class RLStage(Stage):
         rollouts = [self.rollouts.sample(batch, self.group_size) for batch in micro_batches]
         mark("generated")
         for rollout in rollouts:
-            rollout.scores = self.rollouts.score(rollout, rollout.answers)
+            rollout.scores = self.rollouts.score(rollout)
         mark("scored")
         for rollout in rollouts:
             self.rollouts.read_logprobs(policy, rollout)
@@ -241,7 +241,7 @@ class RLStage(Stage):
             (self.ctx.cfg.seed * 1_000_003 + global_step) * 1024 + distributed.rank())
 
     def evaluate_batch(self, batch: dict) -> dict:
-        prompts, answers = batch["prompt_ids"], batch["answers"]
+        prompts = batch["prompt_ids"]
         if not prompts:
             if self.rollouts.reward_model is not None and self.ctx.backend.frozen_forward_is_collective:
                 # This rank's share of the last batch is empty, but a partitioned reward model's forward gathers
@@ -249,9 +249,8 @@ class RLStage(Stage):
                 for _ in range(2):
                     self.rollouts.reward_model(torch.full((1, 1), self.rollouts.pad_id, device=self.ctx.device))
             return {"reward": (0.0, 0), "reward_sampled": (0.0, 0), "response_length": (0.0, 0)}
-        greedy = self.rollouts.layout(prompts, self.rollouts.generate(prompts, greedy=True))
-        greedy_sum = float(self.rollouts.score(greedy, answers).sum())
-        sampled = self.rollouts.layout(prompts, self.rollouts.generate(prompts, generator=self.eval_generator))
-        return {"reward": (greedy_sum, len(prompts)),
-                "reward_sampled": (float(self.rollouts.score(sampled, answers).sum()), len(prompts)),
+        greedy = self.rollouts.sample(batch, 1, greedy=True)
+        sampled = self.rollouts.sample(batch, 1, generator=self.eval_generator)
+        return {"reward": (float(self.rollouts.score(greedy).sum()), len(prompts)),
+                "reward_sampled": (float(self.rollouts.score(sampled).sum()), len(prompts)),
                 "response_length": (float(sum(greedy.response_lengths)), len(prompts))}

@@ -110,12 +110,12 @@ class RolloutMaker:
                        prompt_lengths=[len(p) for p in prompts], response_lengths=generation.lengths.tolist())
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, answers: list) -> torch.Tensor:
+    def score(self, rollout: Rollout) -> torch.Tensor:
         """[B] each answer's reward: the rule against its reference answer, or the reward model at its last token."""
         if self.reward_model is None:
             texts = [self.tokenizer.decode(row[:length].tolist())
                      for row, length in zip(rollout.response, rollout.response_lengths)]
-            return torch.tensor([rule_reward(text, answer) for text, answer in zip(texts, answers)],
+            return torch.tensor([rule_reward(text, answer) for text, answer in zip(texts, rollout.answers)],
                                 device=self.device)
         values = self.reward_model(rollout.full_input_ids, doc_ids=rollout.full_doc_ids,
                                    position_ids=rollout.full_position_ids).values.float()
@@ -123,10 +123,11 @@ class RolloutMaker:
                             device=self.device)
         return values.gather(1, last[:, None]).squeeze(1)
 
-    def sample(self, batch: dict, group_size: int) -> Rollout:
+    def sample(self, batch: dict, group_size: int, greedy: bool = False,
+               generator: Optional[torch.Generator] = None) -> Rollout:
         """Answers to the batch's prompts (group_size each), laid out for the forwards that read them."""
         prompts = [prompt for prompt in batch["prompt_ids"] for _ in range(group_size)]
-        rollout = self.layout(prompts, self.generate(prompts))
+        rollout = self.layout(prompts, self.generate(prompts, greedy, generator))
         rollout.answers = [answer for answer in batch["answers"] for _ in range(group_size)]
         return rollout
 
