@@ -152,6 +152,25 @@ def small_checkpoint_disk(tmp_path):
         yield out_dir
 
 
+def test_a_resume_moves_the_lines_a_crash_left_after_its_checkpoint_aside(tmp_path, capsys):
+    """A crash between a log line and the next checkpoint leaves lines of steps the resumed run redoes, the last
+    perhaps cut off mid-write; without the rewind they would count twice in metrics.jsonl. (A real resume over
+    such lines, at 2 -> 1 -> 2 ranks: tests/test_elastic_resume.py.)"""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"train/global_step": step, "train/loss": 9.0 - step}) + "\n" for step in range(1, 7)]
+    path.write_text("".join(lines) + '{"train/global_step": 7, "train/lo')
+    logger = JsonlLogger(path, resumed_step=4)
+    logger.log({"train/global_step": 5, "train/loss": 3.5}, 5)
+    logger.close()
+    assert [json.loads(line)["train/global_step"] for line in path.open()] == [1, 2, 3, 4, 5]
+    assert path.read_text().startswith("".join(lines[:4]))
+    side = tmp_path / "metrics.redone.jsonl"
+    assert side.read_text() == "".join(lines[4:]) + '{"train/global_step": 7, "train/lo\n'  # nothing lost
+    assert f"{path}: 3 line(s) after step 4, the checkpoint resumed, moved to {side}" in capsys.readouterr().out
+    JsonlLogger(path, resumed_step=5).close()  # nothing after the step: nothing moved, nothing said
+    assert side.read_text().count("\n") == 3 and capsys.readouterr().out == ""
+
+
 def test_a_full_disk_names_itself_and_keeps_the_previous_checkpoint(small_checkpoint_disk):
     """A real ENOSPC on both: metrics.jsonl is /dev/full (one warning, training goes on) and the second checkpoint
     does not fit its tmpfs (a "disk full" error naming it; `latest` still names the first, which verifies)."""

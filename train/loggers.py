@@ -57,9 +57,11 @@ class ConsoleLogger(Logger):
 class JsonlLogger(Logger):
     name = "jsonl"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_step: Optional[int] = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        if resumed_step is not None and path.is_file():
+            rewind(path, resumed_step)
         self.file = open(path, "a", encoding="utf-8")
 
     def log(self, record, step):
@@ -78,6 +80,29 @@ class JsonlLogger(Logger):
 
     def close(self):
         self.file.close()
+
+
+def rewind(path: Path, step: int) -> None:
+    """Before a resumed run appends: the lines of steps after its checkpoint's (a crash logged them, the run redoes
+    them; a line cut off by the crash too) move to metrics.redone.jsonl, so metrics.jsonl counts each step once.
+    Rewritten through a temporary file: a crash here leaves the old file or the new one, whole."""
+    kept, redone = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            keep = line.endswith("\n") and json.loads(line)["train/global_step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        (kept if keep else redone).append(line if line.endswith("\n") else line + "\n")
+    if not redone:
+        return
+    side = path.with_name("metrics.redone.jsonl")
+    with open(side, "a", encoding="utf-8") as file:
+        file.writelines(redone)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+    print(f"{path}: {len(redone)} line(s) after step {step}, the checkpoint resumed, moved to {side} (this run "
+          f"redoes those steps)", flush=True)
 
 
 def pipeline_group(out_root: Path) -> str:

@@ -171,7 +171,8 @@ class Trainer:
                   + ("1 rank" if self.world_size == 1 else f"each of {self.world_size} ranks"), flush=True)
 
     def _build_loggers(self) -> MultiLogger:
-        loggers = [ConsoleLogger(), JsonlLogger(self.out_dir / "metrics.jsonl")]
+        resumed_step = self.state.global_step if self.cfg.from_resume else None
+        loggers = [ConsoleLogger(), JsonlLogger(self.out_dir / "metrics.jsonl", resumed_step)]
         if self.cfg.use_wandb:
             try:
                 name = self.cfg.wandb_run_name or f"{self.stage.name}-{self.backend.run_tag()}-ws{self.world_size}"
