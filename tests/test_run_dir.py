@@ -72,7 +72,10 @@ def test_a_second_run_on_a_locked_out_dir_is_refused_naming_the_first(tmp_path):
     """The first run holds the lock; the second is refused with its pid and host while it trains. Once the first
     is killed outright (no handler runs), its lock is gone with it: a new run may start over."""
     out_dir = tmp_path / "run"
-    command, env, _ = stage_command("pretrain", out_dir, *TINY, "--max_steps", "200", world_size=1, zero="2")
+    # Far more steps than the test lasts (it kills the run): a run that ended while the second one started up
+    # would leave an earlier run, not a lock, and the refusal would be another one.
+    command, env, _ = stage_command("pretrain", out_dir, *TINY, "--max_steps", "100000", "--epochs", "1000",
+                                    world_size=1, zero="2")
     first = start(command, env)
     try:
         deadline = time.monotonic() + 120

@@ -422,82 +422,6 @@ def test_gpus_torch_cannot_use_fail_the_job(cluster, tmp_path):
     assert "launching:" not in run.text
 
 
-@dataclass
-class Requeued(JobRun):
-    crossed: int = 0                                # bytes through the veth pair during the first start
-    stop_checkpoint: tuple[str, set] = ("", set())  # checkpoints/latest at the requeue, and its files
-
-
-@pytest.fixture(scope="module")
-def requeued(cluster) -> Requeued:
-    """A run on both hosts stopped after its first checkpoint the way SLURM warns before the time limit (SIGUSR1 to
-    the batch shell only: `scancel --signal=USR1 --batch`), then left to the template: relay, requeue, resume,
-    finish."""
-    name = "requeue"
-    workdir = cluster.root / "jobs" / name
-    out_dir = workdir / "out"
-    args = ["--model", "tiny", "--max_steps", "15", "--log_interval", "5", "--eval_interval", "0",
-            "--eval_batches", "1", "--save_interval", "5", "--from_weight", "none"]
-    before = cluster.hosts[1].veth_bytes()
-    job_id = cluster.submit(name, workdir, {"STAGE": "pretrain", "OUT_DIR": str(out_dir), "GPUS_PER_NODE": "1"},
-                            ["--nodes=2"], args)
-    log = workdir / f"{name}-{job_id}.out"
-    latest = out_dir / "checkpoints" / "latest"
-    cluster.wait(job_id, lambda i: latest.is_file(), 180, log, "the first checkpoint")
-    cluster.cmd("scancel", "--signal=USR1", "--batch", job_id)
-    cluster.wait(job_id, lambda i: i["Restarts"] not in (None, "0"), 120, log, "the requeue")
-    crossed = cluster.hosts[1].veth_bytes() - before
-    tag = latest.read_text().strip()  # before later checkpoints of the second start replace it
-    stop_checkpoint = (tag, {p.name for p in (latest.parent / tag).iterdir()})
-    # The requeued job starts again by itself once its hold (cred_expire, 10 s here) has passed.
-    info = cluster.wait(job_id, lambda i: i["JobState"] in FINAL_STATES, 240, log, "the end")
-    return Requeued(job_id, info, log, out_dir, crossed, stop_checkpoint)
-
-
-def test_requeue_resumes_from_latest_checkpoint(cluster, requeued):
-    """The template's half of preemption on two hosts: it relays the warning to the ranks (and only them) on both
-    hosts, requeues the job itself, and the second start resumes from checkpoints/latest and finishes; one log,
-    appended."""
-    run, text = requeued, requeued.text
-    assert run.info["JobState"] == "COMPLETED" and run.info["ExitCode"] == "0:0", f"{run.info}\n{_tail(run.log, 8000)}"
-    assert run.info["Restarts"] == "1" and run.info["NumNodes"] == "2", run.info
-    first, _, second = text.partition("start 2 (SLURM_RESTART_COUNT=1)")
-    assert second, f"no second start in the log\n{text[-6000:]}"
-    assert "SIGUSR1: the time limit is near" in first
-    for rank, host in enumerate(cluster.hosts):  # one rank per host, each signalled by its own node.sh
-        relayed = re.findall(rf"\[node {rank} {host.name} [\d:]+\] stop requested: SIGUSR1 -> ranks ((?:\d+ ?)+)\n", first)
-        assert len(relayed) == 1 and len(relayed[0].split()) == 1, f"node {rank}: {relayed}\n{first[-4000:]}"
-    _assert_traffic(run, run.crossed, steps=5)
-    requeue = re.search(r"requeuing; the next start resumes from (step_\d+)", first)
-    assert requeue, first[-4000:]
-    tag = requeue.group(1)
-    assert f"resuming from checkpoint {tag}" in second and "--from_resume" in second
-    resumed_step = int(tag.split("_")[1])
-    assert re.search(rf"resumed from \S+/{tag}: step {resumed_step},", second), second[-4000:]
-    assert "] done" in second
-    steps = [r["train/global_step"] for r in run.metrics()]
-    assert {5, 10, 15} <= set(steps) and steps[-1] == 15 and steps == sorted(steps), steps
-    assert (run.out_dir / "export" / "model.safetensors").is_file()
-
-
-def test_trainer_checkpoints_and_exits_on_sigusr1(requeued):
-    """The trainer's half: on SIGUSR1 both ranks finish the same step, each saves its part of one checkpoint and the
-    step exits 75, so the requeued job resumes exactly where the warning stopped it (not from the last periodic
-    checkpoint)."""
-    first = requeued.text.partition("start 2 (SLURM_RESTART_COUNT=1)")[0]
-    after_signal = first.partition("stop requested: SIGUSR1 -> ranks")[2]
-    assert "training step ended with exit code 75" in after_signal, after_signal[-4000:]
-    for rank, host in enumerate(("zs1", "zs2")):
-        assert re.search(rf"\[node {rank} {host} [\d:]+\] launcher exited with 75", first), first[-4000:]
-    saved = re.findall(r"saved checkpoint \S+/(step_\d+)", after_signal)
-    assert saved, f"no checkpoint saved after the signal\n{after_signal[-4000:]}"
-    assert f"the next start resumes from {saved[-1]}" in after_signal
-    tag, parts = requeued.stop_checkpoint
-    assert tag == saved[-1], requeued.stop_checkpoint
-    for rank in (0, 1):  # the rank on zs2 wrote its optimizer shard and RNG state at the same step
-        assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"rng_rank{rank}.pt"} <= parts, parts
-
-
 def test_time_limit_warning_from_slurm(cluster):
     """SLURM itself delivers the template's `--signal=B:USR1@90`: with --time=2 the warning comes within the
     first 30 s (SLURM may send it up to 60 s early), and the job relays it and requeues itself."""
@@ -521,70 +445,130 @@ def test_time_limit_warning_from_slurm(cluster):
 
 
 @dataclass
-class HostLost(JobRun):
-    requeued_after: float = 0.0  # seconds from the host's death to the requeue
+class Interrupted(JobRun):
+    crossed: int = 0                                # bytes through the veth pair during the first start
+    stop_checkpoint: tuple[str, set] = ("", set())  # checkpoints/latest at the requeue, and its files
+    requeued_after: float = 0.0                     # seconds from the host's death to the second requeue
+
+    def start_text(self, number: int) -> str:
+        """The log of one start (1, 2, 3)."""
+        parts = re.split(r"start \d \(SLURM_RESTART_COUNT=\d\)", self.text)
+        assert len(parts) > number, f"no start {number} in the log\n{self.text[-6000:]}"
+        return parts[number]
 
 
 @pytest.fixture(scope="module")
-def host_lost(cluster) -> HostLost:
-    """A job on both hosts whose second host dies after the first checkpoint: its link goes down and every process
-    on it is killed. The requeued job still asks for two nodes; with one left, it is shrunk to one (`scontrol update
-    NumNodes=1 NumTasks=1`, what its user would do; SLURM itself gives a `--nodes=1-2` job one node even when two
-    are idle).
+def interrupted(cluster) -> Interrupted:
+    """One job on both hosts, interrupted twice, as a long job is (one job and its start-up instead of two):
+    1. after its first checkpoint, warned the way SLURM warns before the time limit (SIGUSR1 to the batch shell
+       only: `scancel --signal=USR1 --batch`), then left to the template: relay, requeue, resume on both hosts;
+    2. after the second start's first checkpoint, its second host dies: its link goes down and every process on it
+       is killed. The requeued job still asks for two nodes; with one left, it is shrunk to one (`scontrol update
+       NumNodes=1 NumTasks=1`, what its user would do; SLURM itself gives a `--nodes=1-2` job one node even when
+       two are idle), and the third start finishes on the one host left.
     Last in this file: zs2 stays DOWN."""
-    name = "host-lost"
+    name = "interrupted"
     workdir = cluster.root / "jobs" / name
     out_dir = workdir / "out"
-    args = ["--model", "tiny", "--max_steps", "10", "--log_interval", "5", "--eval_interval", "0",
+    # Steps enough that the second start is still training when its checkpoint after the stop's is seen.
+    args = ["--model", "tiny", "--max_steps", "20", "--log_interval", "5", "--eval_interval", "0",
             "--eval_batches", "1", "--save_interval", "5", "--from_weight", "none"]
+    before = cluster.hosts[1].veth_bytes()
     job_id = cluster.submit(name, workdir, {"STAGE": "pretrain", "OUT_DIR": str(out_dir), "GPUS_PER_NODE": "1"},
                             ["--nodes=2"], args)
     log = workdir / f"{name}-{job_id}.out"
     latest = out_dir / "checkpoints" / "latest"
+
+    def restarts(count: int):
+        return lambda info: info["Restarts"] not in (None, *map(str, range(count)))
+
     cluster.wait(job_id, lambda i: latest.is_file(), 180, log, "the first checkpoint")
+    cluster.cmd("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.wait(job_id, restarts(1), 120, log, "the requeue")
+    crossed = cluster.hosts[1].veth_bytes() - before
+    tag = latest.read_text().strip()  # before later checkpoints of the second start replace it
+    stop_checkpoint = (tag, {p.name for p in (latest.parent / tag).iterdir()})
+    # The requeued job starts again by itself once its hold (cred_expire, 10 s here) has passed.
+    cluster.wait(job_id, lambda i: i["JobState"] == "RUNNING" and latest.read_text().strip() > tag, 240, log,
+                 "the second start's first checkpoint")
     died = time.monotonic()
     cluster.hosts[1].power_off()
-    cluster.wait(job_id, lambda i: i["Restarts"] not in (None, "0"), SLURMD_TIMEOUT + 120, log, "the requeue")
+    cluster.wait(job_id, restarts(2), SLURMD_TIMEOUT + 120, log, "the requeue after the host's death")
     requeued_after = time.monotonic() - died
-    # Once requeued (its first start's processes ended) the job waits for a second node that will not come:
+    # Once requeued (its second start's processes ended) the job waits for a second node that will not come:
     # (Reason=ReqNodeNotAvail,_UnavailableNodes:zs2 or Nodes_required_for_job_are_DOWN,..., by SLURM's timing).
     cluster.wait(job_id, lambda i: i["JobState"] == "PENDING" and re.search(r"ReqNodeNotAvail|DOWN", i["Reason"] or ""),
                  120, log, "the wait for zs2")
     cluster.cmd("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1")
     info = cluster.wait(job_id, lambda i: i["JobState"] in FINAL_STATES, 240, log, "the end")
-    return HostLost(job_id, info, log, out_dir, requeued_after)
+    return Interrupted(job_id, info, log, out_dir, crossed, stop_checkpoint, requeued_after)
 
 
-def test_a_lost_host_ends_the_start_and_the_job_is_requeued(cluster, host_lost):
+def test_requeue_resumes_from_latest_checkpoint(cluster, interrupted):
+    """The template's half of preemption on two hosts: it relays the warning to the ranks (and only them) on both
+    hosts, requeues the job itself, and the second start resumes from checkpoints/latest on both; one log,
+    appended."""
+    first, second = interrupted.start_text(1), interrupted.start_text(2)
+    assert "SIGUSR1: the time limit is near" in first
+    for rank, host in enumerate(cluster.hosts):  # one rank per host, each signalled by its own node.sh
+        relayed = re.findall(rf"\[node {rank} {host.name} [\d:]+\] stop requested: SIGUSR1 -> ranks ((?:\d+ ?)+)\n", first)
+        assert len(relayed) == 1 and len(relayed[0].split()) == 1, f"node {rank}: {relayed}\n{first[-4000:]}"
+    _assert_traffic(interrupted, interrupted.crossed, steps=5)
+    requeue = re.search(r"requeuing; the next start resumes from (step_\d+)", first)
+    assert requeue, first[-4000:]
+    tag = requeue.group(1)
+    assert "nodes 2: zs1 zs2;" in second, second[:3000]
+    assert f"resuming from checkpoint {tag}" in second and "--from_resume" in second
+    assert re.search(rf"resumed from \S+/{tag}: step {int(tag.split('_')[1])},", second), second[-4000:]
+    assert re.search(r"saved checkpoint \S+/step_\d+", second), second[-4000:]  # it trained on from there
+
+
+def test_trainer_checkpoints_and_exits_on_sigusr1(interrupted):
+    """The trainer's half: on SIGUSR1 both ranks finish the same step, each saves its part of one checkpoint and the
+    step exits 75, so the requeued job resumes exactly where the warning stopped it (not from the last periodic
+    checkpoint)."""
+    first = interrupted.start_text(1)
+    after_signal = first.partition("stop requested: SIGUSR1 -> ranks")[2]
+    assert "training step ended with exit code 75" in after_signal, after_signal[-4000:]
+    for rank, host in enumerate(("zs1", "zs2")):
+        assert re.search(rf"\[node {rank} {host} [\d:]+\] launcher exited with 75", first), first[-4000:]
+    saved = re.findall(r"saved checkpoint \S+/(step_\d+)", after_signal)
+    assert saved, f"no checkpoint saved after the signal\n{after_signal[-4000:]}"
+    assert f"the next start resumes from {saved[-1]}" in after_signal
+    tag, parts = interrupted.stop_checkpoint
+    assert tag == saved[-1], interrupted.stop_checkpoint
+    for rank in (0, 1):  # the rank on zs2 wrote its optimizer shard and RNG state at the same step
+        assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"rng_rank{rank}.pt"} <= parts, parts
+
+
+def test_a_lost_host_ends_the_start_and_the_job_is_requeued(cluster, interrupted):
     """A host that dies mid-run: slurmctld declares it DOWN after SlurmdTimeout, ends the start (NODE_FAIL) and
     requeues the job; the template names the lost node; the next start gets the one host left."""
-    text = host_lost.text
-    first, _, second = text.partition("start 2 (SLURM_RESTART_COUNT=1)")
-    assert "nodes 2: zs1 zs2;" in first, first[:3000]
-    assert host_lost.requeued_after < SLURMD_TIMEOUT + 60, f"requeued {host_lost.requeued_after:.0f} s after the death"
+    second, third = interrupted.start_text(2), interrupted.start_text(3)
+    assert interrupted.requeued_after < SLURMD_TIMEOUT + 60, \
+        f"requeued {interrupted.requeued_after:.0f} s after the death"
     lost = re.search(r"ERROR: lost node\(s\): zs2 \(State=\S*DOWN\S*, Reason=Not responding\); SLURM ends this start "
                      r"\(NODE_FAIL\) and requeues the job \(--requeue\): the next start resumes from (step_\d+) on the "
-                     r"nodes it gets", first)
-    assert lost, first[-5000:]
-    assert second, f"no second start\n{text[-5000:]}"
-    assert "nodes 1: zs1;" in second and f"resuming from checkpoint {lost.group(1)}" in second, second[:3000]
+                     r"nodes it gets", second)
+    assert lost, second[-5000:]
+    assert "nodes 1: zs1;" in third and f"resuming from checkpoint {lost.group(1)}" in third, third[:3000]
 
 
-def test_the_one_host_left_resumes(host_lost):
-    """The second start runs on one host, so one rank resumes what two ranks saved (the resume on another world
+def test_the_one_host_left_resumes(interrupted):
+    """The third start runs on one host, so one rank resumes what two ranks saved (the resume on another world
     size, issue 17's first bullet): the same global batch (twice the accumulation), the counters and the data
-    position continue, and the run finishes."""
-    run = host_lost
+    position continue, and the run finishes; metrics.jsonl holds each step once."""
+    run = interrupted
     assert run.info["JobState"] == "COMPLETED" and run.info["ExitCode"] == "0:0", f"{run.info}\n{_tail(run.log, 6000)}"
-    assert run.info["Restarts"] == "1" and run.info["NumNodes"] == "1", run.info
-    second = run.text.partition("start 2 (SLURM_RESTART_COUNT=1)")[2]
+    assert run.info["Restarts"] == "2" and run.info["NumNodes"] == "1", run.info
+    third = run.start_text(3)
     assert re.search(r"resuming with changed options: layout: .* 2 ranks = (\d+) rows -> .* 1 rank = \1 rows "
-                     r"\(the same global batch\)", second), second[-5000:]
-    assert "world 1," in second and "] done" in second
+                     r"\(the same global batch\)", third), third[-5000:]
+    assert "world 1," in third and "] done" in third
     records = run.metrics()
     steps = [r["train/global_step"] for r in records]
-    assert steps == [5, 10], steps
-    # Packed rows without padding: every step reads the same number of tokens, before and after the resume.
+    assert steps == sorted(set(steps)) and {5, 10, 20} <= set(steps) and steps[-1] == 20, steps
+    # Packed rows without padding: every step reads the same number of tokens, before and after each resume.
     per_step = records[0]["train/num_input_tokens_seen"] / 5
     assert [r["train/num_input_tokens_seen"] for r in records] == [per_step * s for s in steps], records
     assert all(math.isfinite(r["train/loss"]) for r in records)
