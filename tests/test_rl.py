@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,10 +22,10 @@ from model import (ModelConfig, RewardModel, Transformer, generate, load_pretrai
                    save_reward_model)
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, run_stage
 from train.config import ConfigError, parse_config
-from train.grpo import GRPOConfig, group_advantages
-from train.ppo import PPOConfig
+from train.grpo import GRPOConfig, GRPOStage, group_advantages
+from train.ppo import PPOConfig, PPOStage
 from train.rl_losses import clipped_policy_loss, gae, k3_kl
-from train.rollout import rule_reward
+from train.rollout import Rollout, RolloutMaker, rule_reward
 
 DATA_CONFIG = "config/data/posttrain/rl/demo.yaml"
 PROMPTS, ACCUMULATION, STEPS, SEED, NEW_TOKENS, GROUP = 4, 2, 2, 7, 12, 2
@@ -90,6 +91,47 @@ def test_group_advantages_by_hand():
                                                          0.0, 0.0]))
 
 
+def test_one_epoch_grpo_reads_the_old_log_probs_from_its_update_with_the_same_loss_gradient_and_metrics():
+    """--ppo_epochs 1: the update's forward supplies the old log-probs (no separate no-grad forward of the policy).
+    Against the path with that forward: the same loss and gradient, KL and entropy; the ratio is exactly 1."""
+    torch.manual_seed(SEED)
+    config = ModelConfig.from_preset("tiny")
+    policy, reference = Transformer(config), Transformer(config)
+    prompts, answers = [[5, 6, 7]] * 2 + [[8, 9, 10, 11]] * 2, torch.randint(12, 500, (4, 6))
+    lengths = [6, 4, 5, 6]
+    stage = GRPOStage()
+    stage.ctx, stage.group_size = SimpleNamespace(cfg=GRPOConfig(data_config="unused", ppo_epochs=1)), 2
+    maker = RolloutMaker.__new__(RolloutMaker)  # only what read_logprobs uses
+    maker.cfg, maker.reference = stage.ctx.cfg, reference
+
+    def rollout() -> Rollout:
+        mask = (torch.arange(6) < torch.tensor(lengths)[:, None])
+        layout = RolloutMaker.layout(SimpleNamespace(pad_id=0, device=torch.device("cpu")), prompts,
+                                     SimpleNamespace(tokens=torch.where(mask, answers, 0), mask=mask,
+                                                     lengths=torch.tensor(lengths)))
+        layout.scores = torch.tensor([1.0, 0.0, 0.5, 0.0])
+        stage.advantages([layout])
+        return layout
+
+    results = {}
+    for reads_old in (True, False):
+        policy.zero_grad()
+        read = rollout()
+        maker.read_logprobs(policy if reads_old else None, read)
+        assert (read.old_logps is None) == (not reads_old)
+        output = stage._policy_objective(policy, read)
+        output.loss_sum.backward()
+        results[reads_old] = (output, read, [p.grad.clone() for p in policy.parameters()])
+    (separate, read_a, grads_a), (from_update, read_b, grads_b) = results[True], results[False]
+    assert from_update.loss_sum.item() == pytest.approx(separate.loss_sum.item(), rel=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for name in ("old_logps", "entropy", "kl"):
+        torch.testing.assert_close(getattr(read_b, name), getattr(read_a, name), rtol=1e-5, atol=1e-7)
+    assert float(from_update.extras["approxkl"]) == 0.0 and float(from_update.extras["clipped"]) == 0.0
+    assert stage.update_reads_old_logps() and PPOStage.old_logps_before_update  # PPO's KL reward needs them first
+
+
 def test_rule_reward():
     assert rule_reward(" 106 ", "106") == 1.0
     assert rule_reward("the answer is 106", "106") == 0.5
@@ -151,6 +193,9 @@ def rl_args(out_root, world_size: int) -> list[str]:
                          ids=["ppo-ws1-zero2", "ppo-ws2-zero3", "grpo-ws1-zero0", "grpo-ws2-zero2"])
 def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, out_root, stage, world_size, zero):
     args = rl_args(out_root, world_size) + (["--group_size", str(GROUP)] if stage == "grpo" else [])
+    # One epoch: the update's forward reads the old log-probs (the ratio is exactly 1), the other runs read them apart.
+    one_epoch = stage == "grpo" and world_size == 2
+    args += ["--ppo_epochs", "1"] if one_epoch else []
     if world_size == 2 and zero == "3":
         run_launch_script(stage, "--out_dir", str(tmp_path), *args, zero=zero)  # as users start it
     else:
@@ -166,6 +211,7 @@ def test_rl_run_logs_the_contract_and_counts_tokens_from_the_prompts(tmp_path, o
         phase_seconds = sum(value for key, value in record.items() if key.startswith("timing/"))
         assert phase_seconds <= record["system/step_time_s"] * 1.05
         assert ("timing/sync_weights_s" in record) == (zero == "3")  # only where the policy is sharded
+        assert (record["policy/approxkl"] == 0.0) == one_epoch and record["policy/ppo_epochs"] == 2 - one_epoch
     assert records[-1]["eval/reward"] is not None and records[-1]["eval/response_length"] >= 1
     if world_size == 1:
         greedy, sampled = held_out_rewards(tmp_path / "export", out_root)

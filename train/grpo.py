@@ -37,6 +37,7 @@ def group_advantages(scores: torch.Tensor, group_size: int) -> tuple[torch.Tenso
 class GRPOStage(RLStage):
     name = "grpo"
     config_class = GRPOConfig
+    old_logps_before_update = False  # its KL is a term of the loss, not of the reward
 
     def setup(self, ctx: StageContext) -> None:
         self.group_size = ctx.cfg.group_size

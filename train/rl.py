@@ -90,9 +90,19 @@ class RLStage(Stage):
         return float(value_forward_flops(self.rollouts.reward_config, scored))
 
     def reference_flops(self, rollout: Rollout) -> float:
-        """The no-grad forwards that read the answers: the policy's (old log-probs) and the reference's."""
+        """The no-grad forwards that read the answers: the reference's, and the policy's (old log-probs) unless the
+        update reads them."""
         scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]  # last token: read only
-        return 2.0 * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
+        forwards = 1.0 if self.update_reads_old_logps() else 2.0
+        return forwards * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
+
+    # One epoch updates the policy that generated, so the update's own forward gives the old log-probs (its values,
+    # detached; TRL's GRPO does the same) and a no-grad forward is saved. PPO needs them before the update (its
+    # KL reward enters the advantages).
+    old_logps_before_update = True
+
+    def update_reads_old_logps(self) -> bool:
+        return self.ctx.cfg.ppo_epochs == 1 and not self.old_logps_before_update
 
     def update_flops(self, rollout: Rollout) -> float:
         """One PPO epoch's actor forward + backward over the rollout."""
@@ -122,7 +132,10 @@ class RLStage(Stage):
 
     # ----- the step -----
     def _policy_objective(self, model, rollout: Rollout) -> LossOutput:
-        logps, _, aux_loss = response_logps(model, rollout, chunk_tokens=self.ctx.cfg.loss_chunk_tokens)
+        first_read = rollout.old_logps is None  # update_reads_old_logps: this forward is the policy that generated
+        logps, entropy, aux_loss = response_logps(model, rollout, first_read, self.ctx.cfg.loss_chunk_tokens)
+        if first_read:
+            rollout.set_policy_logps(logps.detach(), entropy.detach())
         losses, clipped = self.policy_loss(rollout, logps)
         mask = rollout.mask
         return LossOutput(loss_sum=(losses * mask).sum(), aux_loss=aux_loss,
@@ -141,8 +154,9 @@ class RLStage(Stage):
         for rollout in rollouts:
             rollout.scores = self.rollouts.score(rollout)
         mark("scored")
+        reads_old = not self.update_reads_old_logps()
         for rollout in rollouts:
-            self.rollouts.read_logprobs(policy, rollout)
+            self.rollouts.read_logprobs(policy if reads_old else None, rollout)
         self.advantages(rollouts)
         mark("read")
 

@@ -47,6 +47,11 @@ class Rollout:
     group_std: Optional[torch.Tensor] = None  # [B / G] GRPO: the standard deviation of each group's scores
     answers: Optional[list] = None  # [B] each prompt's reference answer (None where it has none)
 
+    def set_policy_logps(self, logps: torch.Tensor, entropy: torch.Tensor) -> None:
+        """The log-probs (detached) of the policy that generated, its entropy, and the KL to the reference."""
+        self.old_logps, self.entropy = logps, entropy
+        self.kl = k3_kl(logps, self.ref_logps) * self.mask
+
 
 def rule_reward(response: str, answer: Optional[str]) -> float:
     """1 for exactly the reference answer (surrounding space aside), 0.5 for an answer containing it as a whole word
@@ -132,9 +137,11 @@ class RolloutMaker:
         return rollout
 
     @torch.no_grad()
-    def read_logprobs(self, policy: TrainedModel, rollout: Rollout) -> None:
-        """The log-probs of the policy that generated and of the frozen reference, and the KL between them."""
+    def read_logprobs(self, policy: Optional[TrainedModel], rollout: Rollout) -> None:
+        """The log-probs of the policy that generated (unless policy is None: the update's forward reads them) and of
+        the frozen reference, and the KL between them."""
         chunk_tokens = self.cfg.loss_chunk_tokens
-        rollout.old_logps, rollout.entropy, _ = response_logps(policy, rollout, True, chunk_tokens)
+        policy_logps = response_logps(policy, rollout, True, chunk_tokens)[:2] if policy is not None else None
         rollout.ref_logps, _, _ = response_logps(self.reference, rollout, chunk_tokens=chunk_tokens)
-        rollout.kl = k3_kl(rollout.old_logps, rollout.ref_logps) * rollout.mask
+        if policy_logps is not None:
+            rollout.set_policy_logps(*policy_logps)
