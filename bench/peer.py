@@ -3,7 +3,7 @@ against TRL's DPOTrainer, on this machine's CPU, one after the other, never at o
 
     make bench-peer   # = .venv/bin/python bench/peer.py [--only sft,grpo,dpo --steps 20 --warmup 3 --batch_size 4
                       #   --max_seq_len 512 --grpo_steps 8 --grpo_warmup 2 --prompts_per_step 8 --group_size 8
-                      #   --max_new_tokens 32 --threads N --zero_stage 2 --out out/bench_peer.json]
+                      #   --max_new_tokens 32 --threads N --zero_stage auto --out out/bench_peer.json]
 
 Every part trains the same model (zerostage's `small` preset; the peer is a transformers LlamaForCausalLM with the same
 dimensions, fp32; the parameter counts are checked equal) from fresh weights, on the same tokenized data, with the same
@@ -96,7 +96,8 @@ def parse_args() -> argparse.Namespace:
                              "keep the documents of a padding-free packed row apart, as sdpa does)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of each side (OMP_NUM_THREADS of the zerostage rank)")
-    parser.add_argument("--zero_stage", default="2", help="ZERO_STAGE of zerostage's launcher (its default: 2)")
+    parser.add_argument("--zero_stage", default="auto",
+                        help="ZERO_STAGE of zerostage's launcher; auto: unset, the launcher's default (ZeRO-0 on one rank)")
     parser.add_argument("--zerostage_packing", choices=("packed", "padded"), default="packed",
                         help="zerostage's DPO rows: packed or padded (SFT is packed on both sides)")
     parser.add_argument("--out", default="out/bench_peer.json")
@@ -443,8 +444,10 @@ def run_zerostage(stage: str, args, flags: list[str], *, batch_size: int, warmup
                "--eval_interval", "0", "--eval_batches", "1", "--save_interval", "0", "--seed", str(SEED),
                "--weight_decay", str(WEIGHT_DECAY), "--adam_beta1", str(ADAM_BETAS[0]),
                "--adam_beta2", str(ADAM_BETAS[1]), "--grad_clip", str(GRAD_CLIP), "--out_dir", str(out_dir), *flags]
-    env = {**os.environ, "NUM_GPUS": "1", "OMP_NUM_THREADS": str(args.threads), "ZERO_STAGE": args.zero_stage,
-           "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "NUM_GPUS": "1", "OMP_NUM_THREADS": str(args.threads), "MASTER_PORT": str(free_port())}
+    env.pop("ZERO_STAGE", None)
+    if args.zero_stage != "auto":
+        env["ZERO_STAGE"] = args.zero_stage
     # The bench's own scratch run from a previous invocation: zerostage refuses a fresh run over an earlier one.
     shutil.rmtree(out_dir, ignore_errors=True)
     log = out_dir.with_suffix(".log")
@@ -456,7 +459,8 @@ def run_zerostage(stage: str, args, flags: list[str], *, batch_size: int, warmup
         raise RuntimeError(f"zerostage {stage} exited {status}; {log} ends:\n{tail}")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     run_config = json.loads((out_dir / "run_config.json").read_text())
-    launch = {"command": " ".join([*(f"{name}={env[name]}" for name in ("NUM_GPUS", "OMP_NUM_THREADS", "ZERO_STAGE")),
+    launch = {"command": " ".join([*(f"{name}={env[name]}" for name in ("NUM_GPUS", "OMP_NUM_THREADS", "ZERO_STAGE")
+                                     if name in env),
                                    *command]), "log": str(log.relative_to(REPO_ROOT))}
     return launch, records, run_config
 
@@ -738,11 +742,14 @@ def main() -> None:
               f"{args.group_size} answers of <= {args.max_new_tokens} tokens a step", flush=True)
     hf = hf_tokenizer(tokenizer.pad_id, tokenizer.eos_id)
     differences = [
-        "Engine: zerostage runs under DeepSpeed "
-        f"ZeRO-{args.zero_stage} (launcher default) with one CPU rank; the peers under accelerate without DeepSpeed, "
-        "with the Trainer's default optimizer (torch's fused AdamW); zerostage's is torch AdamW (foreach) stepped "
-        "by DeepSpeed's ZeRO optimizer on its flat fp32 partition. TRL's default activation checkpointing and bf16 "
-        "are turned off, so both sides run fp32 without recomputation.",
+        ("Engine: zerostage runs under DeepSpeed ZeRO-0 (the default on one rank) with one CPU rank, stepping torch's "
+         "fused AdamW itself, as the peers do under accelerate without DeepSpeed (the Trainer's default optimizer)."
+         if args.zero_stage in ("auto", "0") else
+         f"Engine: zerostage runs under DeepSpeed ZeRO-{args.zero_stage} with one CPU rank: torch AdamW (foreach) "
+         "stepped by DeepSpeed's ZeRO optimizer on its flat fp32 partition; the peers under accelerate without "
+         "DeepSpeed, with the Trainer's default optimizer (torch's fused AdamW).")
+        + " TRL's default activation checkpointing and bf16 are turned off, so both sides run fp32 without "
+        "recomputation.",
         "Data order: each side shuffles the same training data with its own sampler, so the timed steps see "
         "different (equally distributed) documents; the figures are per real token (per prompt for GRPO), not per "
         "step.",

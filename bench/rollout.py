@@ -8,7 +8,7 @@ in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (te
 they do the same work but for the cache. Each path decodes once to warm up, then --repeats times, the order
 alternating; the figures are medians.
 
-PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-2, rule reward, the
+PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-0, rule reward, the
 same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean
 share of each timing/<phase>_s in system/step_time_s over its timed steps, and the phases' rates (perf/*:
 generation's tokens/s and memory-bandwidth utilisation, each phase's MFU). Without --from_weight the policy is the preset
@@ -71,7 +71,7 @@ def compare_decoding(model, prompts, args, tokenizer) -> None:
 
 
 def ppo_phases(weights: Path, args, out_dir: Path) -> None:
-    env = {**os.environ, "NUM_GPUS": "1", "ZERO_STAGE": "2", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "NUM_GPUS": "1", "ZERO_STAGE": "0", "MASTER_PORT": str(free_port())}
     command = ["bash", "launch/run_ppo.sh", "--from_weight", str(weights), "--out_dir", str(out_dir),
                "--reward", "rule", "--batch_size", str(args.prompts), "--max_new_tokens", str(args.max_new_tokens),
                "--max_steps", str(args.ppo_steps), "--log_interval", "1", "--throughput_warmup_steps", "1",

@@ -4,7 +4,8 @@
 #   CUDA_VISIBLE_DEVICES  the GPUs to use (e.g. 2,3; NUM_GPUS=1 takes the first); the deepspeed launcher gets them
 #                as --include localhost:2,3 (it ignores the variable beside --num_gpus)
 #   ALLOW_CPU    1: run CPU ranks even though nvidia-smi lists GPUs that torch cannot use (otherwise an error)
-#   ZERO_STAGE   0 | 1 | 2 | 3 | 2_offload | 3_offload (default 2) -> ds_configs/zero${ZERO_STAGE}.json
+#   ZERO_STAGE   0 | 1 | 2 | 3 | 2_offload | 3_offload -> ds_configs/zero${ZERO_STAGE}.json (default: the stage's
+#                --deepspeed auto: ZeRO-0 on one rank, ZeRO-2 on more, a resume keeping the run's)
 #   MASTER_PORT  rendezvous port (default 29500)
 # Extra arguments go to the stage script unchanged (they override its defaults and any --config YAML).
 set -euo pipefail
@@ -54,8 +55,11 @@ launch_stage() {
       exec torchrun --nproc_per_node "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
         "train/${stage}.py" --backend fsdp "$@" ;;
     deepspeed)
-      local ds_config="ds_configs/zero${ZERO_STAGE:-2}.json"
-      [ -f "$ds_config" ] || { echo "ZERO_STAGE=${ZERO_STAGE}: no $ds_config (choices: $(ls ds_configs | tr '\n' ' '))" >&2; exit 2; }
+      local ds_config=auto
+      if [ -n "${ZERO_STAGE:-}" ]; then
+        ds_config="ds_configs/zero${ZERO_STAGE}.json"
+        [ -f "$ds_config" ] || { echo "ZERO_STAGE=${ZERO_STAGE}: no $ds_config (choices: $(ls ds_configs | tr '\n' ' '))" >&2; exit 2; }
+      fi
       local ranks=(--num_gpus "$NUM_GPUS") devices
       if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
         # The launcher drops CUDA_VISIBLE_DEVICES beside --num_gpus and takes GPUs 0..N-1; --include names the

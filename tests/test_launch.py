@@ -46,7 +46,7 @@ def launch(tmp_path: Path, torch_gpus: str, listed_gpus: int = 0, stage_args: tu
     return result, argv, started_env
 
 
-DEEPSPEED_TAIL = ["--log_level", "error", "--master_port", PORT, "train/sft.py", "--deepspeed", "ds_configs/zero2.json", "--max_steps", "1"]
+DEEPSPEED_TAIL = ["--log_level", "error", "--master_port", PORT, "train/sft.py", "--deepspeed", "auto", "--max_steps", "1"]
 
 
 @pytest.mark.parametrize("env,torch_gpus,ranks", [
@@ -63,6 +63,15 @@ def test_deepspeed_gets_the_visible_gpus_by_index(tmp_path, env, torch_gpus, ran
     assert result.returncode == 0, result.stderr
     assert argv == ["deepspeed", *ranks, *DEEPSPEED_TAIL]
     assert started_env["DS_ACCELERATOR"] == "<unset>"
+
+
+@pytest.mark.parametrize("zero_stage,config", [(None, "auto"), ("3", "ds_configs/zero3.json"),
+                                               ("2_offload", "ds_configs/zero2_offload.json")])
+def test_zero_stage_names_the_config_and_unset_leaves_it_to_the_stage(tmp_path, zero_stage, config):
+    """ZERO_STAGE unset passes --deepspeed auto (ZeRO-0 on one rank, ZeRO-2 on more: tests/test_run_dir.py)."""
+    result, argv, _ = launch(tmp_path, "2", **({"ZERO_STAGE": zero_stage} if zero_stage else {}))
+    assert result.returncode == 0, result.stderr
+    assert argv[argv.index("--deepspeed") + 1] == config
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.launch import REPO_ROOT, read_metrics, run_stage, stage_command, start
-from train import checkpoint
+from train import checkpoint, run_dir
+from train.config import TrainConfig
 
 TINY = ["--model", "tiny", "--max_seq_len", "64", "--batch_size", "2", "--eval_batches", "1", "--log_interval", "1"]
 RUN = [*TINY, "--max_steps", "2", "--save_interval", "2"]
@@ -185,3 +186,21 @@ def test_a_model_given_beside_from_weight_must_be_the_weights_model(saved_run, t
     assert_refused(result, f"--model small is not the model --from_weight {export} holds: hidden_size 512 "
                            f"(the weights: 128)")
     run_stage("sft", tmp_path / "sft", *RUN, "--from_weight", str(export), "--model", "tiny", world_size=1, zero="2")
+
+
+@pytest.mark.parametrize("world_size,saved_backend,config", [
+    (1, None, "ds_configs/zero0.json"), (2, None, "ds_configs/zero2.json"), (8, None, "ds_configs/zero2.json"),
+    (2, "ZeRO-0", "ds_configs/zero0.json"), (1, "ZeRO-2", "ds_configs/zero2.json"), (4, "ZeRO-3", "ds_configs/zero3.json"),
+], ids=["one-rank", "two-ranks", "eight-ranks", "resume-zero0-on-2", "resume-zero2-on-1", "resume-zero3-on-4"])
+def test_deepspeed_auto_is_zero0_on_one_rank_zero2_on_more_and_a_resume_keeps_its_stage(world_size, saved_backend,
+                                                                                        config):
+    """--deepspeed auto (the default): on one rank ZeRO's flat buffers shard nothing and cost 1.2x in step time
+    (docs/performance.md), so plain ZeRO-0; a resume on another number of ranks stays the run it was (the identity
+    check would refuse another stage)."""
+    cfg = TrainConfig(data_config="unused")
+    assert cfg.deepspeed == "auto"
+    saved = {"identity": {"backend": saved_backend}} if saved_backend else None
+    assert run_dir.resolve_deepspeed_config(cfg, saved, world_size).deepspeed == config
+    explicit = TrainConfig(data_config="unused", deepspeed="ds_configs/zero3.json")
+    assert run_dir.resolve_deepspeed_config(explicit, saved, world_size).deepspeed == "ds_configs/zero3.json"
+

@@ -66,7 +66,7 @@ class TrainConfig:
 
     # Parallelism
     backend: str = field(default="deepspeed", metadata={"help": "deepspeed (ZeRO as --deepspeed says) | fsdp (PyTorch FSDP2 full sharding, started with torchrun; --deepspeed is not read)"})
-    deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed config (ZeRO/offload choices; batch fields are filled from these flags)"})
+    deepspeed: str = field(default="auto", metadata={"help": "DeepSpeed config (ZeRO/offload choices; batch fields are filled from these flags); auto: ds_configs/zero0.json on one rank (plain fused AdamW: ZeRO's flat buffers shard nothing there and cost 1.2x in step time), ds_configs/zero2.json on more; a resume keeps the run's stage"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
     # Logging, evaluation, checkpoints

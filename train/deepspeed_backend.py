@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -82,9 +83,17 @@ def _fill(config: dict, key: str, value, source: str, option: str) -> None:
                           f"or make them agree")
 
 
+def auto_config(world_size: int, saved_backend: str = "") -> str:
+    """--deepspeed auto: the ZeRO stage of the run resumed (saved_backend "ZeRO-<n>": it stays itself on any number
+    of ranks; ZeRO-0 files hold the whole optimizer), else ZeRO-0 on one rank (plain fused AdamW: ZeRO's flat buffers
+    shard nothing there and cost 1.2x in step time, docs/performance.md) and ZeRO-2 on more."""
+    match = re.fullmatch(r"ZeRO-(\d)", saved_backend)
+    return f"ds_configs/zero{match.group(1) if match else 0 if world_size == 1 else 2}.json"
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
     """The --deepspeed JSON with the run's batch sizes, clipping and precision filled in, checked."""
-    path = cfg.resolve_path(cfg.deepspeed)
+    path = cfg.resolve_path(auto_config(world_size) if cfg.deepspeed == "auto" else cfg.deepspeed)
     ds = copy.deepcopy(load_ds_config(path))
     src = str(path)
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.batch_size, src, "--batch_size")

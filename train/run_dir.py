@@ -166,6 +166,17 @@ def keep_global_batch(cfg: TrainConfig, saved: Optional[dict], world_size: int, 
     return adjusted
 
 
+def resolve_deepspeed_config(cfg: TrainConfig, saved: Optional[dict], world_size: int) -> TrainConfig:
+    """`cfg` with --deepspeed auto resolved (train/deepspeed_backend.py: auto_config), a resume keeping its stage."""
+    if cfg.deepspeed != "auto" or cfg.backend != "deepspeed":
+        return cfg
+    from train.deepspeed_backend import auto_config  # DeepSpeed is imported only by runs that use it
+
+    adjusted = copy.copy(cfg)  # not dataclasses.replace: it would drop explicit_options, set on the instance
+    adjusted.deepspeed = auto_config(world_size, saved["identity"].get("backend", "") if saved else "")
+    return adjusted
+
+
 def check_resume(saved: Optional[dict], identity: dict, cfg: TrainConfig, world_size: int, where: Path) -> list[str]:
     """Refuse a resume that is not the same run; returns the options it changes ("name: before -> now")."""
     if saved is None:

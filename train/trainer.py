@@ -93,9 +93,11 @@ class Trainer:
         self.world_size, self.device = distributed.world_size(), distributed.device()
         self.out_dir = cfg.resolve_path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        saved = None
         if cfg.from_resume:  # before anything sized by --accumulation_steps is made
             folder, saved = checkpoint.newest_run(self.checkpoint_dir)
             self.cfg = cfg = run_dir.keep_global_batch(cfg, saved, self.world_size, folder)
+        self.cfg = cfg = run_dir.resolve_deepspeed_config(cfg, saved, self.world_size)
 
         # The backend first: an option this machine cannot honour fails before the model and data are made.
         self.backend = build_backend(cfg, self.world_size)
