@@ -97,8 +97,12 @@ def test_wandb_defaults_to_offline_and_logs_the_contract(tmp_path):
 
 def test_stage_chain_starts_each_stage_from_the_previous_export(tmp_path):
     common = [*SHORT_RUN, "--max_steps", "2", "--save_interval", "0", "--out_root", str(tmp_path)]
-    for stage in ("pretrain", "midtrain", "sft"):
+    for stage in ("pretrain", "midtrain"):
         run_stage(stage, tmp_path / stage, *common, world_size=1, zero="0")
+    # The last stage with the options that change a step's cost, which its start-up line names.
+    sft = run_stage("sft", tmp_path / "sft", *common, "--activation_checkpointing", "--loss_chunk_tokens", "64",
+                    world_size=1, zero="0")
+    assert "M params, world 1, ZeRO-0, fp32, activation checkpointing, loss chunks of 64 tokens, 2 steps" in sft.stdout
     report = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True)
     assert report.stdout.strip() == f"wrote {tmp_path / 'report.png'} (pretrain, midtrain, sft)"

@@ -209,8 +209,13 @@ class Trainer:
         padding = config["data"]["padding_fraction"]
         rows = (f"{self.data.mode} rows of {self.data.seq_len} tokens with {padding:.1%} padding" if padding is not None
                 else f"batches of {self.cfg.batch_size} prompts")
+        # What changes the cost of a step beyond the backend and dtype: said here, not only in run_config.json.
+        cost = "".join(f", {name}" for name, on in (("activation checkpointing", self.cfg.activation_checkpointing),
+                                                   ("--compile", self.cfg.compile),
+                                                   (f"loss chunks of {self.cfg.loss_chunk_tokens} tokens",
+                                                    self.cfg.loss_chunk_tokens)) if on)
         print(f"[{self.stage.name}] {config['parameters'] / 1e6:.2f}M params, world {self.world_size}, "
-              f"{self.backend.describe()}, {self.backend.dtype}, {self.total_steps} steps "
+              f"{self.backend.describe()}, {self.backend.dtype}{cost}, {self.total_steps} steps "
               f"({self.epoch_steps[0]} in the first epoch), {rows}; peak: {self.peak.basis}", flush=True)
 
     # ----- one step -----
