@@ -20,6 +20,8 @@ from train.activation_checkpointing import checkpoint_blocks
 from train.compile import compile_blocks, trace_count
 from train.config import TrainConfig
 from train.metrics import BatchStats, MetricsTracker
+from train.grpo import GRPOConfig, GRPOStage
+from train.rollout import RolloutMaker
 from train.stage import LanguageModelStage
 
 DOC_IDS = torch.tensor([0] * 30 + [1] * 34).expand(2, -1)  # two packed documents a row
@@ -77,6 +79,38 @@ def test_recomputed_flops_are_what_the_flop_counter_counts(preset, overrides, ch
                              causal=False)
     assert hardware - plain == extra
     assert abs(hardware / (training_flops(model.config, [64, 64], causal=False) + extra) - 1) < 0.02
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 16])
+def test_rl_update_counts_its_recomputation(chunk_tokens):
+    """An RL update's forward + backward over a rollout (train/rl.py's policy objective, GRPO): the flop counter's
+    extra FLOPs with checkpointing are the recomputation the stage logs for each epoch (HFU's numerator)."""
+    model, checkpointed = twins("tiny", attn_impl="math")
+    generator = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, model.config.vocab_size, (4, 5), generator=generator).tolist()
+    answers = torch.randint(0, model.config.vocab_size, (4, 6), generator=generator)
+    full = torch.ones(4, 6, dtype=torch.bool)  # no padding: the counter counts the layout, the formula real tokens
+    rollout = RolloutMaker.layout(SimpleNamespace(pad_id=0, device=torch.device("cpu")), prompts,
+                                  SimpleNamespace(tokens=answers, mask=full, lengths=torch.full((4,), 6)))
+    rollout.old_logps = rollout.ref_logps = torch.zeros(4, 6)
+    rollout.advantages = torch.ones(4, 6)
+    stages = {}
+    for chunks in (0, chunk_tokens):  # the plain step, and the run's options
+        stages[chunks] = GRPOStage()
+        stages[chunks].ctx = SimpleNamespace(cfg=GRPOConfig(data_config="unused", activation_checkpointing=True,
+                                                            loss_chunk_tokens=chunks), model_config=model.config)
+
+    def counted_update(policy: Transformer, stage: GRPOStage) -> int:
+        with FlopCounterMode(display=False) as counter:
+            stage._policy_objective(policy, rollout).loss_sum.backward()
+        return counter.get_total_flops()
+
+    stage = stages[chunk_tokens]
+    extra = counted_update(checkpointed, stage) - counted_update(model, stages[0])
+    head_tokens = 24 if chunk_tokens else 0
+    assert extra == recomputed_flops(model.config, [10] * 4, blocks=True, lm_head_tokens=head_tokens, causal=False)
+    assert stage.update_recomputed_flops(rollout) == recomputed_flops(model.config, [10] * 4, blocks=True,
+                                                                      lm_head_tokens=head_tokens)
 
 
 def test_language_model_stage_counts_its_recomputation():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import RewardModel
+from model.flops import recomputed_flops
 from model.value_head import load_reward_model, value_forward_flops
 from train import distributed
 from train.config import ConfigError
@@ -112,6 +113,12 @@ class PPOStage(RLStage):
 
     def update_flops(self, rollout: Rollout) -> float:
         return super().update_flops(rollout) + 3.0 * self._critic_flops(rollout)
+
+    def update_recomputed_flops(self, rollout: Rollout) -> float:
+        """The actor's, and the critic's blocks (checkpointed like every trained model; its value head is not)."""
+        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        critic = recomputed_flops(self.critic_config, scored, self.ctx.cfg.activation_checkpointing)
+        return super().update_recomputed_flops(rollout) + float(critic)
 
 
 if __name__ == "__main__":

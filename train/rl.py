@@ -14,6 +14,7 @@ import torch
 
 from data.prompts import PromptLoader, prompt_without_answer
 from model import forward_flops, generation_bytes_read, generation_flops
+from model.flops import recomputed_flops
 from model.value_head import value_forward_flops
 from train import distributed
 from train.backend import unwrap
@@ -108,6 +109,14 @@ class RLStage(Stage):
         """One PPO epoch's actor forward + backward over the rollout."""
         scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
         return 3.0 * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
+
+    def update_recomputed_flops(self, rollout: Rollout) -> float:
+        """Forward FLOPs one PPO epoch's backward runs again (HFU less MFU): --activation_checkpointing's blocks, and
+        --loss_chunk_tokens' LM head over the answer tokens."""
+        cfg = self.ctx.cfg
+        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        head_tokens = rollout.response.numel() if cfg.loss_chunk_tokens else 0  # the head reads every answer column
+        return float(recomputed_flops(self.ctx.model_config, scored, cfg.activation_checkpointing, head_tokens))
 
     # ----- what PPO and GRPO supply -----
     def advantages(self, rollouts: list[Rollout]) -> None:
@@ -240,7 +249,8 @@ class RLStage(Stage):
                 input_tokens=sum(rollout.prompt_lengths) + sum(rollout.response_lengths),
                 supervised_tokens=int(count), samples=rows,
                 model_flops=(self.generate_flops(rollout) + self.score_flops(rollout) + self.reference_flops(rollout)
-                             + epochs_done * self.update_flops(rollout)))
+                             + epochs_done * self.update_flops(rollout)),
+                recomputed_flops=epochs_done * self.update_recomputed_flops(rollout))
             aux_loss = total["aux_loss"] / epochs_done if total["aux_loss"] is not None else None
             reports.append(MicroBatchReport(torch.as_tensor(total["loss"]), int(trained), stats, aux_loss, extras))
         return reports
