@@ -227,6 +227,11 @@ class DeepSpeedModel(TrainedModel):
         self.unfused = type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer"
         self.grad_norm_source = ("DeepSpeed's get_global_grad_norm()" if self.reports_grad_norm
                                  else "own float64 norm of the full gradients")
+        # ZeRO-0 fp32: DeepSpeed would clip with torch's fp32 CPU norm, up to 8e-4 low on a 25M-parameter model (it
+        # sums squares sequentially into few fp32 accumulators): the step clips with the float64 norm instead.
+        self.grad_clip = 0.0
+        if not self.reports_grad_norm:
+            self.grad_clip, engine._config.gradient_clipping = engine.gradient_clipping(), 0.0
 
     @property
     def learning_rate(self) -> float:
@@ -278,6 +283,8 @@ class DeepSpeedModel(TrainedModel):
                 # update on the device when found_inf is set, as torch's GradScaler does: no host sync.
                 held_back = ~torch.isfinite(grad_norm)
                 engine.optimizer.found_inf = held_back.float()
+                if self.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.grad_clip, grad_norm.float())
         scale = self.loss_scale()  # the backward's: the step may change it
         engine.step()
         if self.reports_grad_norm:
