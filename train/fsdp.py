@@ -148,12 +148,9 @@ class FSDPModel(TrainedModel):
 def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Collective: the global L2 norm of the full gradients, from each rank's shards, accumulated in float64.
 
-    Not torch's `clip_grad_norm_`/`get_total_norm`: their fp32 `vector_norm` on CPU adds the squares one after another
-    into a few fp32 running sums (8 sequential sums reproduce its error to 3 digits), and on a large gradient the small
-    squares are rounded away against them, always downwards. The tiny model's 819,200-element embedding gradient came
-    out 1.6e-4 low whole and 6e-5 low as two half shards, so 1 and 2 ranks logged norms of the same gradient 1e-4
-    apart, both low. Per-tensor float64 norms, as DeepSpeed's ZeRO and the ZeRO-0 path take them, agree to 1e-14
-    with the float64 norm of the gathered full gradient whatever the sharding."""
+    Not `clip_grad_norm_`: its fp32 `vector_norm` on CPU sums squares into a few fp32 accumulators, which round small
+    squares away (the tiny model's embedding gradient: 1.6e-4 low whole, 6e-5 as two shards, so 1 and 2 ranks logged
+    the same gradient 1e-4 apart). Float64 per shard agrees with the gathered gradient's norm whatever the sharding."""
     squares = torch.zeros((), dtype=torch.float64, device=distributed.device())
     for grad in grads:
         if isinstance(grad, DTensor):
