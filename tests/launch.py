@@ -32,19 +32,17 @@ def free_port() -> int:
 
 
 def stage_command(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
-                  env: dict | None = None, launcher: str = "torchrun") -> tuple[list[str], dict, int]:
-    """The command line, environment and port of a stage run on CPU ranks: ds_configs/zero<zero>.json, or
-    --backend fsdp for zero="fsdp", under torchrun, or under the deepspeed launcher with launcher="deepspeed" (the tests
-    of what that launcher does with signals and dead ranks; tests/test_launch.py, the launch-script and SLURM tests
-    start it as users do). torchrun, which DeepSpeed supports as well, starts 6 s sooner a run here: the deepspeed
-    launcher is two more Python processes importing torch and DeepSpeed one after the other, and it polls its ranks
-    once a second. One rank runs as one process without a launcher (`python train/<stage>.py`)."""
+                  env: dict | None = None) -> tuple[list[str], dict, int]:
+    """The command line, environment and port of a stage run on CPU ranks: the deepspeed launcher with
+    ds_configs/zero<zero>.json, or torchrun with --backend fsdp for zero="fsdp". One rank runs as one process
+    without a launcher (`python train/<stage>.py`, the README's single-process form): a launcher adds two Python
+    processes that import torch and DeepSpeed, several seconds a run, and is tested at two ranks."""
     port = free_port()
     script = str(REPO_ROOT / "train" / f"{stage}.py")
     backend = ["--backend", "fsdp"] if zero == "fsdp" else ["--deepspeed", f"ds_configs/zero{zero}.json"]
     if world_size == 1:
         command = [sys.executable, script, *backend]
-    elif launcher == "torchrun" or zero == "fsdp":
+    elif zero == "fsdp":
         command = [str(TORCHRUN), "--nproc_per_node", str(world_size), "--master_port", str(port), script, *backend]
     else:
         command = [str(DEEPSPEED), "--num_gpus", str(world_size), "--master_port", str(port), script, *backend]
@@ -57,10 +55,8 @@ def stage_command(stage: str, out_dir: Path, *args: str, world_size: int = 2, ze
 
 
 def run_stage(stage: str, out_dir: Path, *args: str, world_size: int = 2, zero: str = "2",
-              env: dict | None = None, check: bool = True, timeout: int = 600,
-              launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    command, full_env, port = stage_command(stage, out_dir, *args, world_size=world_size, zero=zero, env=env,
-                                            launcher=launcher)
+              env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    command, full_env, port = stage_command(stage, out_dir, *args, world_size=world_size, zero=zero, env=env)
     return run_command(command, full_env, port, check, timeout)
 
 

@@ -44,7 +44,7 @@ def preempted(request, tmp_path_factory) -> tuple[Path, int, list[dict], dict, i
     summary and the world size."""
     world_size = request.param
     out_dir = tmp_path_factory.mktemp("preempted") / "run"
-    command, env, _ = stage_command("pretrain", out_dir, *RUN, world_size=world_size, zero="2", launcher="deepspeed")
+    command, env, _ = stage_command("pretrain", out_dir, *RUN, world_size=world_size, zero="2")
     process = start(command, env)
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -55,7 +55,7 @@ def preempted(request, tmp_path_factory) -> tuple[Path, int, list[dict], dict, i
     output, _ = process.communicate(timeout=300)
     assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
     stop = int(re.search(r"stopping at step (\d+)", output).group(1))
-    run_stage("pretrain", out_dir, *RUN, "--from_resume", world_size=world_size, zero="2", launcher="deepspeed")
+    run_stage("pretrain", out_dir, *RUN, "--from_resume", world_size=world_size, zero="2")
     return out_dir, stop, read_metrics(out_dir), json.loads((out_dir / "summary.json").read_text()), world_size
 
 

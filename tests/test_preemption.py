@@ -30,7 +30,7 @@ def rank_pid(out_dir: Path, rank: int) -> int:
 def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bool) -> tuple[int, str, float]:
     """Start a run, signal one rank once `after_lines` steps are logged (every 20 ms until it exits when `storm`).
     Returns the launcher's exit status, its output, and the seconds from the signal to its exit."""
-    command, env, _ = stage_command("pretrain", out_dir, *RUN, zero="2", launcher="deepspeed")
+    command, env, _ = stage_command("pretrain", out_dir, *RUN, zero="2")
     process = start(command, env)
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -57,7 +57,7 @@ def interrupt(out_dir: Path, after_lines: int, signum: int, rank: int, storm: bo
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("straight")
-    run_stage("pretrain", out_dir, *RUN, zero="2", launcher="deepspeed")
+    run_stage("pretrain", out_dir, *RUN, zero="2")
     return read_metrics(out_dir)
 
 
@@ -78,7 +78,7 @@ def test_signal_checkpoints_every_rank_at_one_step_exits_75_and_resume_continues
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [tag]
     assert [r["train/global_step"] for r in read_metrics(tmp_path)] == list(range(1, step + 1))
 
-    result = run_stage("pretrain", tmp_path, *RUN, "--from_resume", zero="2", launcher="deepspeed")
+    result = run_stage("pretrain", tmp_path, *RUN, "--from_resume", zero="2")
     assert f"resumed from {tmp_path / 'checkpoints' / tag}: step {step}," in result.stdout
     records = read_metrics(tmp_path)
     assert [r["train/global_step"] for r in records] == list(range(1, 13))

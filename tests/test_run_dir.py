@@ -118,8 +118,7 @@ def test_a_resume_on_a_number_of_ranks_that_cannot_keep_the_global_batch_is_refu
     """Another number of ranks resumes (tests/test_elastic_resume.py) when a whole --accumulation_steps keeps the
     global batch; 2 ranks of --batch_size 2 cannot read the 2 rows a step of the saved run read."""
     out_dir, before = resumable_copy(saved_run, tmp_path)
-    result = run_stage("pretrain", out_dir, *RUN, "--from_resume", world_size=2, zero="2", check=False,
-                       launcher="deepspeed")  # its one ERROR line, as users see it (torchrun adds a traceback)
+    result = run_stage("pretrain", out_dir, *RUN, "--from_resume", world_size=2, zero="2", check=False)
     assert_refused(result, f"--from_resume: {out_dir / 'checkpoints' / 'step_00000002'} was saved with a global "
                    "batch of --batch_size 2 × --accumulation_steps 1 × 1 rank = 2 rows per optimizer step, which 2 "
                    "ranks of --batch_size 2 cannot split into whole accumulation steps: resume on 1 rank(s), or give "
