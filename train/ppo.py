@@ -105,7 +105,7 @@ class PPOStage(RLStage):
         return {"critic/grad_norm": update.grad_norm if update.applied else None}
 
     def _critic_flops(self, rollout: Rollout) -> float:
-        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        scored = rollout.read_lengths
         return float(value_forward_flops(self.critic_config, scored))
 
     def reference_flops(self, rollout: Rollout) -> float:
@@ -116,7 +116,7 @@ class PPOStage(RLStage):
 
     def update_recomputed_flops(self, rollout: Rollout) -> float:
         """The actor's, and the critic's blocks (checkpointed like every trained model; its value head is not)."""
-        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        scored = rollout.read_lengths
         critic = recomputed_flops(self.critic_config, scored, self.ctx.cfg.activation_checkpointing)
         return super().update_recomputed_flops(rollout) + float(critic)
 

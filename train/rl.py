@@ -93,7 +93,7 @@ class RLStage(Stage):
     def reference_flops(self, rollout: Rollout) -> float:
         """The no-grad forwards that read the answers: the reference's, and the policy's (old log-probs) unless the
         update reads them."""
-        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]  # last token: read only
+        scored = rollout.read_lengths
         forwards = 1.0 if self.update_reads_old_logps() else 2.0
         return forwards * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
 
@@ -107,14 +107,14 @@ class RLStage(Stage):
 
     def update_flops(self, rollout: Rollout) -> float:
         """One PPO epoch's actor forward + backward over the rollout."""
-        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        scored = rollout.read_lengths
         return 3.0 * forward_flops(self.ctx.model_config, scored, lm_head_tokens=sum(rollout.response_lengths))
 
     def update_recomputed_flops(self, rollout: Rollout) -> float:
         """Forward FLOPs one PPO epoch's backward runs again (HFU less MFU): --activation_checkpointing's blocks, and
         --loss_chunk_tokens' LM head over the answer tokens."""
         cfg = self.ctx.cfg
-        scored = [p + r - 1 for p, r in zip(rollout.prompt_lengths, rollout.response_lengths)]
+        scored = rollout.read_lengths
         head_tokens = rollout.response.numel() if cfg.loss_chunk_tokens else 0  # the head reads every answer column
         return float(recomputed_flops(self.ctx.model_config, scored, cfg.activation_checkpointing, head_tokens))
 

@@ -47,6 +47,12 @@ class Rollout:
     group_std: Optional[torch.Tensor] = None  # [B / G] GRPO: the standard deviation of each group's scores
     answers: Optional[list] = None  # [B] each prompt's reference answer (None where it has none)
 
+    @property
+    def read_lengths(self) -> list[int]:
+        """Each row's real tokens in input_ids, what the forwards over the answers read (its last token is only
+        predicted)."""
+        return [p + r - 1 for p, r in zip(self.prompt_lengths, self.response_lengths)]
+
     def set_policy_logps(self, logps: torch.Tensor, entropy: torch.Tensor) -> None:
         """The log-probs (detached) of the policy that generated, its entropy, and the KL to the reference."""
         self.old_logps, self.entropy = logps, entropy
