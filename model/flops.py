@@ -91,27 +91,31 @@ def recomputed_flops(config: ModelConfig, doc_lengths, blocks: bool, lm_head_tok
     return body + lm_head_flops_per_token(config) * lm_head_tokens
 
 
-def generation_flops(config: ModelConfig, prompt_lengths, response_lengths, causal: bool = True) -> int:
+def generation_flops(config: ModelConfig, prompt_lengths, response_lengths, causal: bool = True,
+                     samples_per_prompt: int = 1) -> int:
     """Forward FLOPs of KV-cache decoding (model/generate.py), row by row: the prefill of the prompt (LM head at
-    its last position only), then one single-token forward per generated token but the last, which attends to
-    every cached key: at context c, N · 4·c·nh·d. Padding and finished rows still in the batch are not counted.
+    its last position only; once for each samples_per_prompt consecutive rows, which share it), then one
+    single-token forward per generated token but the last, which attends to every cached key: at context c,
+    N · 4·c·nh·d. Padding and finished rows still in the batch are not counted.
     """
     per_token = matmul_flops_per_token(config)
     per_key = 4 * config.num_layers * config.num_heads * config.head_dim
     total = 0
-    for prompt, response in zip(_lengths(prompt_lengths), _lengths(response_lengths)):
-        total += forward_flops(config, [prompt], causal, lm_head_tokens=1)
+    for row, (prompt, response) in enumerate(zip(_lengths(prompt_lengths), _lengths(response_lengths))):
+        if row % samples_per_prompt == 0:
+            total += forward_flops(config, [prompt], causal, lm_head_tokens=1)
         steps = max(response - 1, 0)  # the forward at context prompt + j feeds generated token j (1-based)
         total += steps * per_token + per_key * (steps * prompt + steps * (steps + 1) // 2)
     return total
 
 
 def generation_bytes_read(config: ModelConfig, rows: int, prompt_width: int, new_columns: int,
-                          bytes_per_element: int) -> int:
+                          bytes_per_element: int, samples_per_prompt: int = 1) -> int:
     """Memory traffic of one batched KV-cache generation (model/generate.py) as MBU counts it: every forward
     reads the weights once (the embedding table only through the LM head, which reads it whole) and the keys and
     values it attends to. The batch runs as laid out: `rows` left-padded to `prompt_width`, a prefill, then one
-    forward per generated column but the last over every row, finished or padded ones included. Activations and
+    forward per generated column but the last over every row, finished or padded ones included (the prefill over
+    one row for each samples_per_prompt consecutive rows, which share it). Activations and
     the cache writes (one position per forward) are left out. Dense models only: which experts a decode step
     reads depends on its routing."""
     if config.use_moe:
@@ -119,8 +123,10 @@ def generation_bytes_read(config: ModelConfig, rows: int, prompt_width: int, new
                          "route to, which the config alone does not tell")
     weights = num_params(config) - (0 if config.tie_embeddings else config.vocab_size * config.hidden_size)
     kv_per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    contexts = [prompt_width + step for step in range(max(new_columns, 1))]  # prefill at P, decode at P + 1, …
-    return bytes_per_element * (len(contexts) * weights + kv_per_position * rows * sum(contexts))
+    decode_contexts = [prompt_width + step for step in range(1, max(new_columns, 1))]  # P + 1, P + 2, …
+    prefill_keys = rows // samples_per_prompt * prompt_width
+    return bytes_per_element * ((1 + len(decode_contexts)) * weights
+                                + kv_per_position * (prefill_keys + rows * sum(decode_contexts)))
 
 
 def training_flops(config: ModelConfig, doc_lengths, causal: bool = True) -> int:

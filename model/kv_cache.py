@@ -40,3 +40,9 @@ class KVCache:
         self.keys[layer][:, start:self.length] = k
         self.values[layer][:, start:self.length] = v
         return self.keys[layer][:, :self.length], self.values[layer][:, :self.length]
+
+    def repeat_rows(self, repeats: int) -> None:
+        """Each row becomes `repeats` consecutive rows with the same cached tokens (a prompt's answers share it)."""
+        self.doc_ids = self.doc_ids.repeat_interleave(repeats, dim=0)
+        self.keys = [keys.repeat_interleave(repeats, dim=0) for keys in self.keys]
+        self.values = [values.repeat_interleave(repeats, dim=0) for values in self.values]

@@ -58,6 +58,22 @@ def test_per_document_kernel_equals_dense_mask_in_outputs_and_gradients(heads):
         torch.testing.assert_close(grad_, dense_grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("heads", [4, 2], ids=["gqa", "mha"])
+def test_queries_against_a_cache_equal_the_math_kernel_in_outputs_and_gradients(heads):
+    """Decoding's path (fewer queries than keys): query heads stacked per KV head against a left-padded cache."""
+    k_doc_ids = torch.tensor([[-1] * 4 + [0] * 8, [0] * 12])
+    mask = DocumentMask(k_doc_ids[:, -3:], k_doc_ids)
+    q = qkv(k_doc_ids[:, -3:], heads=heads)[0]
+    k, v = qkv(k_doc_ids, heads=heads)[1:]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for kernel in (attention._grouped_sdpa, attention._math):
+        out = kernel(q, k, v, mask, 0.0)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for grouped, math in zip(*results):
+        torch.testing.assert_close(grouped, math, atol=1e-6, rtol=0)
+
+
 def test_transformer_with_host_documents_equals_dense_math_kernel_in_logits_and_gradients():
     model = make_model("tiny", attn_impl="sdpa").train()
     dense = Transformer(dataclasses.replace(model.config, attn_impl="math")).train()

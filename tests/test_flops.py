@@ -78,11 +78,25 @@ def test_generation_flops_match_flop_counter(preset):
     assert counter.get_total_flops() == analytic
 
 
+def test_generation_flops_count_a_shared_prompt_once():
+    """Two prompts, three answers each: each prompt's prefill runs (and is counted) once."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", attn_impl="math"))
+    prompts = torch.randint(0, model.config.vocab_size, (2, 11)).tolist()
+    with FlopCounterMode(display=False) as counter:
+        generation = generate(model, prompts, 5, temperature=1.0, eos_token_id=None, samples_per_prompt=3)
+    assert generation.lengths.tolist() == [5] * 6
+    analytic = generation_flops(model.config, [11] * 6, [5] * 6, causal=False, samples_per_prompt=3)
+    assert counter.get_total_flops() == analytic
+    assert analytic < generation_flops(model.config, [11] * 6, [5] * 6, causal=False)
+
+
+@pytest.mark.parametrize("samples_per_prompt", [1, 2])
 @pytest.mark.parametrize("tied", [True, False])
-def test_generation_bytes_read_match_the_tensors_a_real_generation_reads(tied):
+def test_generation_bytes_read_match_the_tensors_a_real_generation_reads(tied, samples_per_prompt):
     """MBU's numerator against the generation itself: the bytes of every parameter the forwards use (the embedding
     table only as the tied LM head) once per forward, plus the keys and values each layer's attention gets back
-    from the cache, with left padding and a row that stops early."""
+    from the cache, with left padding, a row that stops early, and prompts prefilled once for two rows."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", attn_impl="math", tie_embeddings=tied))
     forwards, kv_bytes = [], []
@@ -97,8 +111,10 @@ def test_generation_bytes_read_match_the_tensors_a_real_generation_reads(tied):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KVCache, "update", counting_update)
-        generation = generate(model, prompts, 7, temperature=1.0, eos_token_id=int(model.config.vocab_size // 2))
+        generation = generate(model, prompts, 7, temperature=1.0, eos_token_id=int(model.config.vocab_size // 2),
+                              samples_per_prompt=samples_per_prompt)
     read_weights = [p for name, p in model.named_parameters() if tied or name != "embed.weight"]
     weight_bytes = sum(p.numel() * p.element_size() for p in read_weights)
     measured = len(forwards) * weight_bytes + sum(kv_bytes)
-    assert generation_bytes_read(model.config, len(prompts), 5, generation.tokens.shape[1], 4) == measured
+    rows = len(prompts) * samples_per_prompt
+    assert generation_bytes_read(model.config, rows, 5, generation.tokens.shape[1], 4, samples_per_prompt) == measured

@@ -1,7 +1,11 @@
+import importlib
+
 import pytest
 import torch
 
 from model import KVCache, ModelConfig, Transformer, generate
+
+generate_module = importlib.import_module("model.generate")  # the package exports the function under the same name
 
 PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2], [250, 31, 8, 64]]
 NEW_TOKENS = 8
@@ -100,6 +104,41 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_prompts_run_once_for_their_samples_draw_as_repeated_prompts(greedy):
+    """samples_per_prompt=3 prefills each prompt once and copies its cache to its rows: the same tokens, greedy or
+    drawn with the same seed, as the prompts repeated row by row."""
+    model = make_model()
+
+    def run(prompts, samples_per_prompt):
+        generator = torch.Generator().manual_seed(0)
+        return generate(model, prompts, NEW_TOKENS, greedy=greedy, generator=generator,
+                        samples_per_prompt=samples_per_prompt).tokens
+
+    shared = run(PROMPTS, 3)
+    assert shared.shape[0] == 3 * len(PROMPTS)
+    assert torch.equal(shared, run([prompt for prompt in PROMPTS for _ in range(3)], 1))
+    if not greedy:  # the rows of a prompt draw apart
+        assert not torch.equal(shared[0], shared[1])
+
+
+def test_sampling_draws_tokens_with_their_probabilities():
+    """The inverse-CDF draw against the softmax, over 200,000 rows: every frequency within 5 standard deviations of
+    its probability, and a token masked out by top_k never drawn."""
+    probabilities = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    rows = 200_000
+    logits = probabilities.log().expand(rows, -1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(generate_module._sample(logits, 1.0, None, None, False, generator), minlength=5)
+    frequencies = counts / rows
+    tolerance = 5 * (probabilities * (1 - probabilities) / rows).sqrt()
+    assert ((frequencies - probabilities).abs() < tolerance).all(), frequencies
+    top4 = generate_module._sample(logits, 1.0, 4, None, False, generator)
+    assert int((top4 == 4).sum()) == 0
+    kept = probabilities[:4] / probabilities[:4].sum()
+    assert ((torch.bincount(top4, minlength=4)[:4] / rows - kept).abs() < 5 * (kept * (1 - kept) / rows).sqrt()).all()
 
 
 def test_generate_restores_training_mode():

@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.prompts import PromptLoader
 from data.tokenizer import load_tokenizer
-from model import (ModelConfig, RewardModel, Transformer, generate, load_pretrained, load_reward_model, save_pretrained,
-                   save_reward_model)
+from model import (ModelConfig, RewardModel, Transformer, generate, generation_flops, load_pretrained, load_reward_model,
+                   save_pretrained, save_reward_model)
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, run_stage
 from train.config import ConfigError, parse_config
 from train.grpo import GRPOConfig, GRPOStage, group_advantages
@@ -130,6 +131,26 @@ def test_one_epoch_grpo_reads_the_old_log_probs_from_its_update_with_the_same_lo
         torch.testing.assert_close(getattr(read_b, name), getattr(read_a, name), rtol=1e-5, atol=1e-7)
     assert float(from_update.extras["approxkl"]) == 0.0 and float(from_update.extras["clipped"]) == 0.0
     assert stage.update_reads_old_logps() and PPOStage.old_logps_before_update  # PPO's KL reward needs them first
+
+
+def test_a_group_generates_its_prompt_once_and_the_stage_counts_what_ran():
+    """A GRPO group's answers share their prompt's prefill (model/generate.py's samples_per_prompt): the stage's
+    generation FLOPs (MFU's numerator) count one prefill per prompt, as the flop counter sees the sampling run."""
+    torch.manual_seed(SEED)
+    config = ModelConfig.from_preset("tiny", attn_impl="math")  # the counter sees the attention matmuls
+    maker = RolloutMaker.__new__(RolloutMaker)  # only what sample uses
+    maker.generator_model, maker.eos_id, maker.pad_id, maker.device = Transformer(config), None, 0, torch.device("cpu")
+    maker.cfg = SimpleNamespace(max_new_tokens=5, temperature=1.0, top_k=0)
+    batch = {"prompt_ids": [[5, 6, 7, 8], [9, 10, 11, 12]], "answers": ["a", "b"]}  # one width: no padding
+    with FlopCounterMode(display=False) as counter:
+        rollout = maker.sample(batch, GROUP + 1)
+    assert rollout.response_lengths == [5] * 6 and rollout.samples_per_prompt == GROUP + 1
+    assert rollout.prompt_lengths == [4] * 6 and rollout.answers == ["a"] * 3 + ["b"] * 3
+    stage = GRPOStage()
+    stage.ctx = SimpleNamespace(model_config=config)
+    shared = generation_flops(config, [4] * 6, [5] * 6, samples_per_prompt=3)
+    assert stage.generate_flops(rollout) == shared < generation_flops(config, [4] * 6, [5] * 6)
+    assert counter.get_total_flops() == generation_flops(config, [4] * 6, [5] * 6, causal=False, samples_per_prompt=3)
 
 
 def test_rule_reward():

@@ -81,7 +81,8 @@ class RLStage(Stage):
         self.rollouts = RolloutMaker(ctx)
 
     def generate_flops(self, rollout: Rollout) -> float:
-        return float(generation_flops(self.ctx.model_config, rollout.prompt_lengths, rollout.response_lengths))
+        return float(generation_flops(self.ctx.model_config, rollout.prompt_lengths, rollout.response_lengths,
+                                      samples_per_prompt=rollout.samples_per_prompt))
 
     def score_flops(self, rollout: Rollout) -> float:
         """The reward model's forward (none for a rule)."""
@@ -224,7 +225,7 @@ class RLStage(Stage):
             return float("nan")
         element = next(self.rollouts.generator_model.parameters()).element_size()
         return float(generation_bytes_read(config, len(rollout.response_lengths), rollout.prompt_width,
-                                           rollout.response.shape[1], element))
+                                           rollout.response.shape[1], element, rollout.samples_per_prompt))
 
     def _reports(self, rollouts, sums, tokens, epochs_done) -> list[MicroBatchReport]:
         reports = []

@@ -46,6 +46,7 @@ class Rollout:
     returns: Optional[torch.Tensor] = None  # [B, N] PPO: GAE returns, the critic's targets
     group_std: Optional[torch.Tensor] = None  # [B / G] GRPO: the standard deviation of each group's scores
     answers: Optional[list] = None  # [B] each prompt's reference answer (None where it has none)
+    samples_per_prompt: int = 1  # G: consecutive rows answer one prompt, whose prefill generation ran once
 
     @property
     def read_lengths(self) -> list[int]:
@@ -102,10 +103,12 @@ class RolloutMaker:
             policy.copy_weights_to(self.generator_model)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], greedy: bool = False, generator: Optional[torch.Generator] = None):
+    def generate(self, prompts: list[list[int]], samples_per_prompt: int, greedy: bool = False,
+                 generator: Optional[torch.Generator] = None):
         return generate(self.generator_model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                         top_k=self.cfg.top_k or None, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                        greedy=greedy, generator=generator)  # None: the global RNG, which checkpoints save
+                        greedy=greedy, generator=generator,  # None: the global RNG, which checkpoints save
+                        samples_per_prompt=samples_per_prompt)
 
     def layout(self, prompts: list[list[int]], generation) -> Rollout:
         width = max(len(prompt) for prompt in prompts)
@@ -137,9 +140,11 @@ class RolloutMaker:
     def sample(self, batch: dict, group_size: int, greedy: bool = False,
                generator: Optional[torch.Generator] = None) -> Rollout:
         """Answers to the batch's prompts (group_size each), laid out for the forwards that read them."""
+        generation = self.generate(batch["prompt_ids"], group_size, greedy, generator)
         prompts = [prompt for prompt in batch["prompt_ids"] for _ in range(group_size)]
-        rollout = self.layout(prompts, self.generate(prompts, greedy, generator))
+        rollout = self.layout(prompts, generation)
         rollout.answers = [answer for answer in batch["answers"] for _ in range(group_size)]
+        rollout.samples_per_prompt = group_size
         return rollout
 
     @torch.no_grad()
