@@ -1,12 +1,15 @@
-"""Rollouts: generated tokens/s with the KV cache and without it, and where a PPO step's time goes, phase by phase.
+"""Rollouts: generated tokens/s with the KV cache and without it, with a group's prompt prefilled once and per answer,
+and where a PPO step's time goes, phase by phase.
 
     OMP_NUM_THREADS=2 .venv/bin/python -m bench.rollout [--model small --max_new_tokens 64] [--from_weight DIR]
 
 Decoding: the first --prompts prompts of the demo RL data (config/data/posttrain/rl/demo.yaml, PPO's in
 launch/run_pipeline.sh), left-padded into one batch and sampled as rollouts are (temperature 1, stopping at EOS)
 in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (tests/test_generate_nocache.py), so
-they do the same work but for the cache. Each path decodes once to warm up, then --repeats times, the order
-alternating; the figures are medians.
+they do the same work but for the cache. Then groups as GRPO samples them (--group_size answers a prompt): each prompt
+prefilled once and its cache copied to its rows, against the prompts repeated row by row (the same tokens drawn,
+tests/test_generate.py). Each path decodes once to warm up, then --repeats times, the order alternating; the figures
+are medians.
 
 PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-0, rule reward, the
 same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean
@@ -43,31 +46,37 @@ def demo_prompts(count: int, tokenizer) -> list[list[int]]:
     return next(PromptLoader(prepared.split("train"), count).iterate(0))["prompt_ids"]
 
 
-def decode_rate(model, prompts, args, tokenizer, use_cache: bool) -> tuple[float, int]:
+def decode_rate(model, prompts, args, tokenizer, options: dict) -> tuple[float, int]:
     """(generated tokens per second, generated tokens) of one seeded decode."""
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     generation = generate(model, prompts, args.max_new_tokens, eos_token_id=tokenizer.eos_id,
-                          pad_token_id=tokenizer.pad_id, generator=generator, use_cache=use_cache)
+                          pad_token_id=tokenizer.pad_id, generator=generator, **options)
     seconds = time.perf_counter() - started
     tokens = int(generation.mask.sum())
     return tokens / seconds, tokens
 
 
-def compare_decoding(model, prompts, args, tokenizer) -> None:
-    rates = {True: [], False: []}
-    tokens = {use_cache: decode_rate(model, prompts, args, tokenizer, use_cache)[1] for use_cache in rates}  # warm-up
+def compare_decoding(model, args, tokenizer, title: str, paths: dict[str, tuple[list, dict]]) -> None:
+    """Two ways to decode the same answers: (prompts, generate options) by label, the first against the second."""
+    rates = {label: [] for label in paths}
+    tokens = {label: decode_rate(model, paths[label][0], args, tokenizer, paths[label][1])[1]  # warm-up
+              for label in paths}
+    labels = list(paths)
     for repeat in range(args.repeats):
-        for use_cache in ((True, False) if repeat % 2 == 0 else (False, True)):
-            rates[use_cache].append(decode_rate(model, prompts, args, tokenizer, use_cache)[0])
-    cached, uncached = statistics.median(rates[True]), statistics.median(rates[False])
+        for label in (labels if repeat % 2 == 0 else labels[::-1]):
+            prompts, options = paths[label]
+            rates[label].append(decode_rate(model, prompts, args, tokenizer, options)[0])
+    prompts, options = paths[labels[0]]
     widths = [len(p) for p in prompts]
-    print(f"decoding: {len(prompts)} prompts of {min(widths)}-{max(widths)} tokens, up to {args.max_new_tokens} new, "
-          f"{tokens[True]} generated (without cache {tokens[False]}), fp32, {torch.get_num_threads()} threads")
-    for use_cache, label in ((True, "KV cache"), (False, "no cache")):
-        print(f"  {label}: median {statistics.median(rates[use_cache]):.1f} tokens/s "
-              f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[use_cache])})")
-    print(f"  KV cache / no cache: {cached / uncached:.2f}x")
+    print(f"{title}: {len(prompts) * options.get('samples_per_prompt', 1)} rows, prompts of {min(widths)}-{max(widths)} tokens, up to "
+          f"{args.max_new_tokens} new, {' / '.join(f'{tokens[label]} generated ({label})' for label in labels)}, "
+          f"fp32, {torch.get_num_threads()} threads")
+    for label in labels:
+        print(f"  {label}: median {statistics.median(rates[label]):.1f} tokens/s "
+              f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[label])})")
+    first, second = (statistics.median(rates[label]) for label in labels)
+    print(f"  {labels[0]} / {labels[1]}: {first / second:.2f}x")
 
 
 def ppo_phases(weights: Path, args, out_dir: Path) -> None:
@@ -101,6 +110,7 @@ def main() -> None:
     parser.add_argument("--from_weight", default="", help="an export directory (an SFT policy) instead")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per batch (and per PPO step)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--group_size", type=int, default=8, help="answers per prompt in the group comparison (GRPO's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per path")
     parser.add_argument("--ppo_steps", type=int, default=4, help="PPO steps (0: skip the PPO run)")
     args = parser.parse_args()
@@ -110,7 +120,14 @@ def main() -> None:
     tokenizer = load_tokenizer()
     model = load_pretrained(args.from_weight) if args.from_weight else Transformer(ModelConfig.from_preset(args.model))
     print(f"policy: {args.from_weight or f'{args.model} preset, untrained'}")
-    compare_decoding(model.eval(), demo_prompts(args.prompts, tokenizer), args, tokenizer)
+    model.eval()
+    prompts = demo_prompts(args.prompts, tokenizer)
+    compare_decoding(model, args, tokenizer, "decoding", {"KV cache": (prompts, {}),
+                                                          "no cache": (prompts, {"use_cache": False})})
+    repeated = [prompt for prompt in prompts for _ in range(args.group_size)]
+    compare_decoding(model, args, tokenizer, f"groups of {args.group_size} answers",
+                     {"prompt prefilled once": (prompts, {"samples_per_prompt": args.group_size}),
+                      "prompt per answer": (repeated, {})})
     if args.ppo_steps:
         with tempfile.TemporaryDirectory(prefix="bench_rollout_") as scratch:
             weights = Path(args.from_weight) if args.from_weight else save_pretrained(model, Path(scratch) / "policy")
