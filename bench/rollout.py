@@ -8,8 +8,8 @@ launch/run_pipeline.sh), left-padded into one batch and sampled as rollouts are 
 in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (tests/test_generate_nocache.py), so
 they do the same work but for the cache. Then groups as GRPO samples them (--group_size answers a prompt): each prompt
 prefilled once and its cache copied to its rows, against the prompts repeated row by row (the same tokens drawn,
-tests/test_generate.py). Each path decodes once to warm up, then --repeats times, the order alternating; the figures
-are medians.
+tests/test_generate.py); with --compile, those groups decoded by the model under torch.compile against eager. Each
+path decodes once to warm up (and compile), then --repeats times, the order alternating; the figures are medians.
 
 PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-0, rule reward, the
 same prompts per step and answer length, a line per step, the first step a throughput warm-up), then the mean
@@ -46,35 +46,51 @@ def demo_prompts(count: int, tokenizer) -> list[list[int]]:
     return next(PromptLoader(prepared.split("train"), count).iterate(0))["prompt_ids"]
 
 
-def decode_rate(model, prompts, args, tokenizer, options: dict) -> tuple[float, int]:
-    """(generated tokens per second, generated tokens) of one seeded decode."""
+class CompiledDecodeSteps(torch.nn.Module):
+    """The model with its decode steps (new tokens against a filled cache) under torch.compile, dynamic shapes as the
+    cache grows each step; the prefill, whose padding layout is read on the host, stays eager."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.compiled = torch.compile(model, dynamic=True)
+
+    def forward(self, input_ids, kv_cache=None, **options):
+        decoding = kv_cache is not None and kv_cache.length > 0
+        return (self.compiled if decoding else self.model)(input_ids, kv_cache=kv_cache, **options)
+
+    def logits_from_hidden(self, hidden):
+        return self.model.logits_from_hidden(hidden)
+
+
+def decode_rate(model, prompts, options: dict, args, tokenizer) -> tuple[float, int, float]:
+    """(generated tokens per second, generated tokens, seconds) of one seeded decode."""
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     generation = generate(model, prompts, args.max_new_tokens, eos_token_id=tokenizer.eos_id,
                           pad_token_id=tokenizer.pad_id, generator=generator, **options)
     seconds = time.perf_counter() - started
     tokens = int(generation.mask.sum())
-    return tokens / seconds, tokens
+    return tokens / seconds, tokens, seconds
 
 
-def compare_decoding(model, args, tokenizer, title: str, paths: dict[str, tuple[list, dict]]) -> None:
-    """Two ways to decode the same answers: (prompts, generate options) by label, the first against the second."""
+def compare_decoding(args, tokenizer, title: str, paths: dict[str, tuple]) -> None:
+    """Two ways to decode the same answers, (model, prompts, generate options) by label: the first against the
+    second."""
     rates = {label: [] for label in paths}
-    tokens = {label: decode_rate(model, paths[label][0], args, tokenizer, paths[label][1])[1]  # warm-up
-              for label in paths}
+    warmups = {label: decode_rate(*paths[label], args, tokenizer) for label in paths}
     labels = list(paths)
     for repeat in range(args.repeats):
         for label in (labels if repeat % 2 == 0 else labels[::-1]):
-            prompts, options = paths[label]
-            rates[label].append(decode_rate(model, prompts, args, tokenizer, options)[0])
-    prompts, options = paths[labels[0]]
+            rates[label].append(decode_rate(*paths[label], args, tokenizer)[0])
+    _, prompts, options = paths[labels[0]]
     widths = [len(p) for p in prompts]
-    print(f"{title}: {len(prompts) * options.get('samples_per_prompt', 1)} rows, prompts of {min(widths)}-{max(widths)} tokens, up to "
-          f"{args.max_new_tokens} new, {' / '.join(f'{tokens[label]} generated ({label})' for label in labels)}, "
-          f"fp32, {torch.get_num_threads()} threads")
+    print(f"{title}: {len(prompts) * options.get('samples_per_prompt', 1)} rows, prompts of {min(widths)}-{max(widths)} "
+          f"tokens, up to {args.max_new_tokens} new, fp32, {torch.get_num_threads()} threads")
     for label in labels:
         print(f"  {label}: median {statistics.median(rates[label]):.1f} tokens/s "
-              f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[label])})")
+              f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[label])}); {warmups[label][1]} generated, "
+              f"warm-up {warmups[label][2]:.1f} s")
     first, second = (statistics.median(rates[label]) for label in labels)
     print(f"  {labels[0]} / {labels[1]}: {first / second:.2f}x")
 
@@ -113,6 +129,8 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=8, help="answers per prompt in the group comparison (GRPO's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per path")
     parser.add_argument("--ppo_steps", type=int, default=4, help="PPO steps (0: skip the PPO run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also decode the groups with the model under torch.compile (the warm-up compiles)")
     args = parser.parse_args()
     if args.ppo_steps == 1:
         parser.error("--ppo_steps 1 times nothing: the first step is the warm-up")
@@ -122,12 +140,15 @@ def main() -> None:
     print(f"policy: {args.from_weight or f'{args.model} preset, untrained'}")
     model.eval()
     prompts = demo_prompts(args.prompts, tokenizer)
-    compare_decoding(model, args, tokenizer, "decoding", {"KV cache": (prompts, {}),
-                                                          "no cache": (prompts, {"use_cache": False})})
+    compare_decoding(args, tokenizer, "decoding", {"KV cache": (model, prompts, {}),
+                                                   "no cache": (model, prompts, {"use_cache": False})})
     repeated = [prompt for prompt in prompts for _ in range(args.group_size)]
-    compare_decoding(model, args, tokenizer, f"groups of {args.group_size} answers",
-                     {"prompt prefilled once": (prompts, {"samples_per_prompt": args.group_size}),
-                      "prompt per answer": (repeated, {})})
+    group = {"samples_per_prompt": args.group_size}
+    compare_decoding(args, tokenizer, f"groups of {args.group_size} answers",
+                     {"prompt prefilled once": (model, prompts, group), "prompt per answer": (model, repeated, {})})
+    if args.compile:
+        compare_decoding(args, tokenizer, f"groups of {args.group_size} answers, decode steps under torch.compile",
+                         {"compiled": (CompiledDecodeSteps(model), prompts, group), "eager": (model, prompts, group)})
     if args.ppo_steps:
         with tempfile.TemporaryDirectory(prefix="bench_rollout_") as scratch:
             weights = Path(args.from_weight) if args.from_weight else save_pretrained(model, Path(scratch) / "policy")

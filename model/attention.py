@@ -87,6 +87,7 @@ class DocumentMask:
         self.q_doc_ids = None if documents is not None and documents.one_per_row else q_doc_ids
         self.k_doc_ids = self.q_doc_ids if k_doc_ids is None else k_doc_ids
         self._documents = documents
+        self._dense = None
 
     @property
     def causal_only(self) -> bool:
@@ -97,15 +98,18 @@ class DocumentMask:
         # A caller without host-side documents (RL rollouts, generation's prompt) pays one read-back here.
         return self._documents or Documents(self.q_doc_ids.cpu())
 
-    @cached_property
+    @property
     def dense(self) -> torch.Tensor:
-        """[B, 1, Tq, Tk] bool, True where the query may attend to the key."""
-        q_len, k_len = self.q_doc_ids.shape[1], self.k_doc_ids.shape[1]
-        device = self.q_doc_ids.device
-        q_slot = torch.arange(k_len - q_len, k_len, device=device)
-        causal = torch.arange(k_len, device=device) <= q_slot[:, None]
-        same_doc = self.q_doc_ids[:, :, None] == self.k_doc_ids[:, None, :]
-        return (same_doc & causal)[:, None]
+        """[B, 1, Tq, Tk] bool, True where the query may attend to the key; built once, shared by the layers."""
+        # Cached by hand: functools.cached_property takes a lock on Python 3.11, which torch.compile cannot trace.
+        if self._dense is None:
+            q_len, k_len = self.q_doc_ids.shape[1], self.k_doc_ids.shape[1]
+            device = self.q_doc_ids.device
+            q_slot = torch.arange(k_len - q_len, k_len, device=device)
+            causal = torch.arange(k_len, device=device) <= q_slot[:, None]
+            same_doc = self.q_doc_ids[:, :, None] == self.k_doc_ids[:, None, :]
+            self._dense = (same_doc & causal)[:, None]
+        return self._dense
 
     @cached_property
     def varlen(self) -> tuple[torch.Tensor, torch.Tensor, int]:
