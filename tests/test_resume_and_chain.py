@@ -9,11 +9,11 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 from safetensors.torch import load_file
+from torch.utils.cpp_extension import _get_build_directory
 
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, read_run_config, run_launch_script, run_stage
 from train.config import parse_config
@@ -74,9 +74,10 @@ def test_checkpoints_keep_the_last_k_and_latest_names_a_complete_one(tmp_path):
 
 def test_wandb_defaults_to_offline_and_logs_the_contract(tmp_path):
     out_dir = tmp_path / "run"
-    # No key, no mode: offline. A bare HOME has no ~/.netrc; DeepSpeed's built CPU op stays where it is (under the
-    # real HOME by default), or the run would compile it again for minutes.
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # No key, no mode: offline. A bare HOME has no ~/.netrc; DeepSpeed's CPU op is read from the folder it was built
+    # in, or the run compiles it again (40-130 s). A TORCH_EXTENSIONS_DIR is taken as it is, without the py311_cpu
+    # folder torch adds to its default: torch's own function names it.
+    extensions = os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
     env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None, "TORCH_EXTENSIONS_DIR": extensions}
     result = run_stage("sft", out_dir, *SHORT_RUN, "--from_weight", "none", "--max_steps", "3",
                        "--save_interval", "0", "--use_wandb", "--out_root", str(tmp_path), world_size=1, zero="0", env=env)

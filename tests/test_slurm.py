@@ -228,7 +228,7 @@ def cluster(tmp_path_factory):
     _install_slurm()
     root = tmp_path_factory.mktemp("slurm")
     names = ["zs1", "zs2"]
-    for sub in ("munge", "state", "log", "run", *(f"spool/{n}" for n in names)):
+    for sub in ("munge", "state", "log", "run", "tmp", *(f"spool/{n}" for n in names)):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "munge").chmod(0o700)
     key, sock = root / "munge" / "munge.key", root / "munge" / "munge.sock"
@@ -260,7 +260,8 @@ def cluster(tmp_path_factory):
         "",
     ]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k not in LEAKY}
-    env.update(SLURM_CONF=str(conf), PATH=_sbin_path(), WANDB_MODE="offline",
+    # TMPDIR: what a killed host's jobs leave (node.sh's hostfile) stays in the test's own directory.
+    env.update(SLURM_CONF=str(conf), PATH=_sbin_path(), WANDB_MODE="offline", TMPDIR=str(root / "tmp"),
                VENV=str(Path(sys.executable).parent.parent))
     state = Cluster(root=root, conf=conf, env=env, hosts=[])
 
