@@ -219,19 +219,25 @@ class DeepSpeedModel(TrainedModel):
     def __init__(self, engine, world_size: int, partitioned: bool):
         self.engine, self.module, self.world_size, self.partitioned = engine, engine.module, world_size, partitioned
         self.runner = engine
-        # ZeRO 1-3 and the bf16/fp16 optimizers keep the pre-clip norm; a plain torch optimizer (ZeRO-0 fp32) does not.
-        self.reports_grad_norm = hasattr(engine.optimizer, "_global_grad_norm")
         # ZeRO-0 bf16/fp16 wraps torch AdamW in FP16_UnfusedOptimizer (fp32 master copies, scale 1 under bf16). Under
         # fp16, DeepSpeed 0.19.8's engine.backward scales the loss only for its ZeRO optimizers, yet this wrapper
-        # unscales the gradients and reports their scaled norm: the loss is scaled here and the norm divided.
+        # unscales the gradients: the loss is scaled here and the norm divided.
         self.unfused = type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer"
+        # ZeRO 1-3 keep the pre-clip norm of their partitions. ZeRO-0 would report and clip with torch's fp32 CPU norms
+        # (a plain torch optimizer: up to 8e-4 low on a 25M-parameter model; the bf16 wrapper: 8e-5 low on `tiny` at
+        # 2 ranks), which sum squares sequentially into few fp32 accumulators: it uses its own float64 norm instead.
+        self.reports_grad_norm = hasattr(engine.optimizer, "_global_grad_norm") and not self.unfused
         self.grad_norm_source = ("DeepSpeed's get_global_grad_norm()" if self.reports_grad_norm
                                  else "own float64 norm of the full gradients")
-        # ZeRO-0 fp32: DeepSpeed would clip with torch's fp32 CPU norm, up to 8e-4 low on a 25M-parameter model (it
-        # sums squares sequentially into few fp32 accumulators): the step clips with the float64 norm instead.
-        self.grad_clip = 0.0
+        self.grad_clip, self.master_clip_norm = 0.0, None
         if not self.reports_grad_norm:
             self.grad_clip, engine._config.gradient_clipping = engine.gradient_clipping(), 0.0
+            if self.unfused:
+                # The wrapper clips its fp32 masters' gradients after copying and unscaling them: that clip, with
+                # this norm, runs just before its torch optimizer steps (bf16 gradients clipped in place would be
+                # rounded again, 2e-4 off the threshold on `tiny`).
+                engine.optimizer.clip_grad = 0.0
+                engine.optimizer.optimizer.register_step_pre_hook(self._clip_masters)
 
     @property
     def learning_rate(self) -> float:
@@ -276,17 +282,23 @@ class DeepSpeedModel(TrainedModel):
         engine = self.engine
         learning_rate = self.learning_rate
         grad_norm = held_back = None
+        scale = self.loss_scale()  # the backward's: the step may change it
         if not self.reports_grad_norm:
             grad_norm = full_gradient_norm(self.module)
             if grad_norm is not None:
-                # ZeRO-0 fp32 steps a plain torch AdamW, which would apply a NaN update; its fused kernel skips the
-                # update on the device when found_inf is set, as torch's GradScaler does: no host sync.
-                held_back = ~torch.isfinite(grad_norm)
-                engine.optimizer.found_inf = held_back.float()
-                if self.grad_clip > 0:
+                if not self.unfused:
+                    # ZeRO-0 fp32 steps a plain torch AdamW, which would apply a NaN update; its fused kernel skips
+                    # the update on the device when found_inf is set, as torch's GradScaler does: no host sync.
+                    # (The bf16/fp16 wrapper finds non-finite gradients itself and skips the step.)
+                    held_back = ~torch.isfinite(grad_norm)
+                    engine.optimizer.found_inf = held_back.float()
+                grad_norm = grad_norm / scale
+                if self.grad_clip > 0 and self.unfused:
+                    self.master_clip_norm = grad_norm.float()
+                elif self.grad_clip > 0:
                     torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.grad_clip, grad_norm.float())
-        scale = self.loss_scale()  # the backward's: the step may change it
         engine.step()
+        self.master_clip_norm = None  # a step the wrapper skipped (fp16 overflow) did not use it
         if self.reports_grad_norm:
             # DeepSpeed's ZeRO 1-3 optimizers skip a step whose norm is not finite themselves (they read the norm
             # on the host), reporting the norm as inf and was_step_applied() as False.
@@ -294,6 +306,11 @@ class DeepSpeedModel(TrainedModel):
             grad_norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float64) / scale
         applied = engine.was_step_applied()
         return Update(grad_norm, held_back if held_back is not None else not applied, applied, learning_rate)
+
+    def _clip_masters(self, optimizer, args, kwargs) -> None:
+        if self.master_clip_norm is not None:
+            masters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(masters, self.grad_clip, self.master_clip_norm)
 
     def save(self, directory: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
