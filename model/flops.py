@@ -115,9 +115,9 @@ def generation_bytes_read(config: ModelConfig, rows: int, prompt_width: int, new
     reads the weights once (the embedding table only through the LM head, which reads it whole) and the keys and
     values it attends to. The batch runs as laid out: `rows` left-padded to `prompt_width`, a prefill, then one
     forward per generated column but the last over every row, finished or padded ones included (the prefill over
-    one row for each samples_per_prompt consecutive rows, which share it). Activations and
-    the cache writes (one position per forward) are left out. Dense models only: which experts a decode step
-    reads depends on its routing."""
+    one row for each samples_per_prompt consecutive rows, which share it). Activations, the cache writes (one position
+    per forward) and the copy of a prompt's cache to its rows are left out: a lower bound. Dense models only: which
+    experts a decode step reads depends on its routing."""
     if config.use_moe:
         raise ValueError("generation_bytes_read: a mixture-of-experts decode step reads the experts its tokens "
                          "route to, which the config alone does not tell")

@@ -39,7 +39,8 @@ def generate(model: Transformer, prompts: list[list[int]] | torch.Tensor, max_ne
     A row stops at eos_token_id and emits pad_token_id afterwards; decoding ends when all rows stop.
     use_cache=False re-runs the whole sequence for every new token (same tokens, only slower).
     samples_per_prompt > 1 runs each prompt once and copies its keys and values to its rows (a GRPO group's
-    prompt is read once, not once per answer); the rows draw as if each had run its prompt itself.
+    prompt is read once, not once per answer); the rows draw as if each had run its prompt itself (up to the
+    kernels' rounding, which a prefill over fewer rows may change on a GPU).
     The model runs in eval mode and gets its previous mode back.
     """
     if max_new_tokens < 1 or samples_per_prompt < 1:
@@ -122,6 +123,9 @@ def _sample(logits, temperature, top_k, top_p, greedy, generator) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # float64: a float32 sum near 1 would drop tokens under 6e-8
+    if not torch.isfinite(cdf[:, -1]).all():  # a NaN would draw the id one past the vocabulary
+        raise ValueError(f"sampling: the logits of rows {torch.nonzero(~torch.isfinite(cdf[:, -1])).flatten().tolist()} "
+                         f"are not finite (NaN or inf; temperature {temperature})")
     # The draw lies in (0, total]: the total, which rounding keeps a little off 1, is always reached, and the first
     # entry at or above the draw is never a zero-probability token (its CDF step is empty).
     draw = (1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]

@@ -42,7 +42,14 @@ class KVCache:
         return self.keys[layer][:, :self.length], self.values[layer][:, :self.length]
 
     def repeat_rows(self, repeats: int) -> None:
-        """Each row becomes `repeats` consecutive rows with the same cached tokens (a prompt's answers share it)."""
+        """Each row becomes `repeats` consecutive rows with the same cached tokens (a prompt's answers share it).
+        Layer by layer, the filled slots only: the old and the new storage of one layer at a time are alive."""
+        if self.doc_ids is None:
+            raise ValueError("KVCache.repeat_rows: nothing is cached yet")
         self.doc_ids = self.doc_ids.repeat_interleave(repeats, dim=0)
-        self.keys = [keys.repeat_interleave(repeats, dim=0) for keys in self.keys]
-        self.values = [values.repeat_interleave(repeats, dim=0) for values in self.values]
+        for stored in (self.keys, self.values):
+            for layer, old in enumerate(stored):
+                rows, capacity, *head = old.shape
+                new = old.new_zeros(rows * repeats, capacity, *head)
+                new.view(rows, repeats, capacity, *head)[:, :, :self.length] = old[:, None, :self.length]
+                stored[layer] = new

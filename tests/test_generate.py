@@ -141,6 +141,25 @@ def test_sampling_draws_tokens_with_their_probabilities():
     assert ((torch.bincount(top4, minlength=4)[:4] / rows - kept).abs() < 5 * (kept * (1 - kept) / rows).sqrt()).all()
 
 
+def test_a_row_of_non_finite_logits_is_refused_not_sampled():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, float("nan"), 2.0]])
+    with pytest.raises(ValueError, match=r"logits of rows \[1\] are not finite"):
+        generate_module._sample(logits, 1.0, None, None, False, torch.Generator().manual_seed(0))
+
+
+def test_repeated_cache_rows_hold_their_prompts_tokens_and_nothing_after():
+    model = make_model()
+    cache = KVCache(model.config.num_layers, capacity=9)
+    model(torch.tensor([[5, 6, 7], [8, 9, 10]]), kv_cache=cache)
+    keys = cache.keys[0].clone()
+    cache.repeat_rows(3)
+    assert cache.keys[0].shape == (6, 9, *keys.shape[2:]) and cache.doc_ids.shape == (6, 9)
+    torch.testing.assert_close(cache.keys[0], keys.repeat_interleave(3, dim=0), rtol=0, atol=0)
+    assert (cache.keys[0][:, 3:] == 0).all() and cache.length == 3
+    with pytest.raises(ValueError, match="nothing is cached yet"):
+        KVCache(2, capacity=4).repeat_rows(2)
+
+
 def test_generate_restores_training_mode():
     model = make_model().train()
     generate(model, PROMPTS, 2)
