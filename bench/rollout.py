@@ -2,13 +2,14 @@
 and where a PPO step's time goes, phase by phase.
 
     OMP_NUM_THREADS=2 .venv/bin/python -m bench.rollout [--model small --max_new_tokens 64] [--from_weight DIR]
+        [--group_size 8] [--compile]
 
 Decoding: the first --prompts prompts of the demo RL data (config/data/posttrain/rl/demo.yaml, PPO's in
 launch/run_pipeline.sh), left-padded into one batch and sampled as rollouts are (temperature 1, stopping at EOS)
 in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (tests/test_generate_nocache.py), so
 they do the same work but for the cache. Then groups as GRPO samples them (--group_size answers a prompt): each prompt
 prefilled once and its cache copied to its rows, against the prompts repeated row by row (the same tokens drawn,
-tests/test_generate.py); with --compile, those groups decoded by the model under torch.compile against eager. Each
+tests/test_generate.py); with --compile, those groups decoded with the decode steps under torch.compile against eager. Each
 path decodes once to warm up (and compile), then --repeats times, the order alternating; the figures are medians.
 
 PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-0, rule reward, the
