@@ -23,7 +23,7 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, load_pretrained, training_flops
-from tests.launch import CONTRACT, REPO_ROOT, free_port, read_metrics, read_run_config, run_command, run_stage
+from tests.launch import CONTRACT, REPO_ROOT, TORCHRUN, free_port, read_metrics, read_run_config, run_command, run_stage
 from train.trainer import seed_everything
 
 DATA_CONFIG = "config/data/posttrain/sft/general.yaml"
@@ -167,13 +167,17 @@ def test_same_loss_curve_under_every_zero_stage_and_world_size(runs):
             assert norm == pytest.approx(ref_norm, rel=1e-6), run
 
 
-def test_zero0_clips_with_the_float64_norm(tmp_path):
-    """ZeRO-0 fp32 (the default on one rank) clips with the float64 norm it logs, not DeepSpeed's fp32 one: on a
-    25.8M-parameter model torch's fp32 CPU norm is measurably low, which made every clip too weak by as much."""
+@pytest.mark.parametrize("world_size", [1, 2], ids=["ws1", "ws2"])
+def test_zero0_clips_with_the_float64_norm(tmp_path, world_size):
+    """ZeRO-0 fp32 (the default on one rank; a resume keeps it on more) clips with the float64 norm it logs, not
+    DeepSpeed's fp32 one: on a 25.8M-parameter model torch's fp32 CPU norm is measurably low, which made every clip
+    too weak by as much. At two ranks on the all-reduced gradients of each rank's own tokens."""
     result_file, port = tmp_path / "clip.json", free_port()
-    run_command([sys.executable, str(REPO_ROOT / "tests" / "zero0_clip_probe.py"), str(result_file)],
-                {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
-                 "MASTER_PORT": str(port)}, port, check=True, timeout=300)
+    probe = [str(REPO_ROOT / "tests" / "zero0_clip_probe.py"), str(result_file)]
+    launcher = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(port)] if world_size == 2 else [sys.executable]
+    run_command([*launcher, *probe], {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                      "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": str(port)},
+                port, check=True, timeout=300)
     result = json.loads(result_file.read_text())
     assert result["logged"] > result["clip"]  # the step clips
     assert abs(result["fp32"] / result["logged"] - 1) > 3e-6  # the fp32 norm is off here by more than the tolerance
