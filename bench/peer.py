@@ -643,9 +643,9 @@ def grpo_comparison(args, config: ModelConfig, tokenizer, differences: list[str]
         f"zerostage's term is the plain k3), clip {defaults['clip_range']}, loss normalised by the step's answer "
         "tokens (TRL loss_type='dapo'), rewards standardised within each group (scale_rewards='group').",
         "GRPO log-probs: with one epoch both sides take the old log-probs from the update's own forward (the detached "
-        "current ones) and skip a no-grad forward of the policy. Both run the reference's forward. TRL computes the rewards' and the "
-        "completions' statistics for its logs each step; zerostage's metrics are collected once a step (its "
-        "--log_interval 1 here, outside the step's time).",
+        "current ones) and skip a no-grad forward of the policy. Both run the reference's forward. TRL computes the "
+        "rewards' and the completions' statistics for its logs each step; zerostage's metrics are collected once a "
+        "step (its --log_interval 1 here, outside the step's time).",
         "GRPO generation: zerostage's own KV-cache decoder (model/generate.py) on the policy, each prompt prefilled "
         "once and its keys and values copied to its group's rows; TRL's model.generate (transformers' DynamicCache, "
         "each prompt repeated per answer and left-padded, SDPA with the padding mask). Both sample "

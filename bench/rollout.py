@@ -9,7 +9,7 @@ launch/run_pipeline.sh), left-padded into one batch and sampled as rollouts are 
 in fp32 on the CPU. A seeded generator makes both paths draw the same tokens (tests/test_generate_nocache.py), so
 they do the same work but for the cache. Then groups as GRPO samples them (--group_size answers a prompt): each prompt
 prefilled once and its cache copied to its rows, against the prompts repeated row by row (the same tokens drawn,
-tests/test_generate.py); with --compile, those groups decoded with the decode steps under torch.compile against eager. Each
+tests/test_generate.py); with --compile, those groups with their decode steps under torch.compile against eager. Each
 path decodes once to warm up (and compile), then --repeats times, the order alternating; the figures are medians.
 
 PPO phases: a short run of launch/run_ppo.sh (the deepspeed launcher, one CPU rank, ZeRO-0, rule reward, the
@@ -86,8 +86,9 @@ def compare_decoding(args, tokenizer, title: str, paths: dict[str, tuple]) -> No
             rates[label].append(decode_rate(*paths[label], args, tokenizer)[0])
     _, prompts, options = paths[labels[0]]
     widths = [len(p) for p in prompts]
-    print(f"{title}: {len(prompts) * options.get('samples_per_prompt', 1)} rows, prompts of {min(widths)}-{max(widths)} "
-          f"tokens, up to {args.max_new_tokens} new, fp32, {torch.get_num_threads()} threads")
+    rows = len(prompts) * options.get("samples_per_prompt", 1)
+    print(f"{title}: {rows} rows, prompts of {min(widths)}-{max(widths)} tokens, up to {args.max_new_tokens} new, "
+          f"fp32, {torch.get_num_threads()} threads")
     for label in labels:
         print(f"  {label}: median {statistics.median(rates[label]):.1f} tokens/s "
               f"(runs: {' '.join(f'{rate:.1f}' for rate in rates[label])}); {warmups[label][1]} generated, "
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per path")
     parser.add_argument("--ppo_steps", type=int, default=4, help="PPO steps (0: skip the PPO run)")
     parser.add_argument("--compile", action="store_true",
-                        help="also decode the groups with the model under torch.compile (the warm-up compiles)")
+                        help="also decode the groups with their decode steps under torch.compile (its warm-up "
+                             "compiles)")
     args = parser.parse_args()
     if args.ppo_steps == 1:
         parser.error("--ppo_steps 1 times nothing: the first step is the warm-up")

@@ -123,9 +123,10 @@ def _sample(logits, temperature, top_k, top_p, greedy, generator) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # float64: a float32 sum near 1 would drop tokens under 6e-8
-    if not torch.isfinite(cdf[:, -1]).all():  # a NaN would draw the id one past the vocabulary
-        raise ValueError(f"sampling: the logits of rows {torch.nonzero(~torch.isfinite(cdf[:, -1])).flatten().tolist()} "
-                         f"are not finite (NaN or inf; temperature {temperature})")
+    non_finite = ~torch.isfinite(cdf[:, -1])
+    if non_finite.any():  # a NaN would draw the id one past the vocabulary
+        raise ValueError(f"sampling: the logits of rows {torch.nonzero(non_finite).flatten().tolist()} are not finite "
+                         f"(NaN or inf; temperature {temperature})")
     # The draw lies in (0, total]: the total, which rounding keeps a little off 1, is always reached, and the first
     # entry at or above the draw is never a zero-probability token (its CDF step is empty).
     draw = (1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]

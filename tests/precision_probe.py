@@ -70,7 +70,7 @@ for name, (backend_name, ds_config, dtype) in CONFIGS.items():
         update = model.step()
         result.update(applied=update.applied, reported_norm=float(update.grad_norm), received_norms=received[:],
                       clip=cfg.grad_clip)
-        if result["optimizer"] == "FP16_UnfusedOptimizer":  # the norm DeepSpeed's wrapper computed (of scaled gradients)
+        if result["optimizer"] == "FP16_UnfusedOptimizer":  # the norm DeepSpeed's wrapper computed, of scaled gradients
             result["deepspeed_norm"] = float(model.engine.optimizer._global_grad_norm) / result["scale"]
     if distributed.is_main():
         torch.save(policy_logits.float(), out / f"logits_{name}.pt")

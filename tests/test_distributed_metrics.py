@@ -174,7 +174,8 @@ def test_zero0_clips_with_the_float64_norm(tmp_path, world_size):
     too weak by as much. At two ranks on the all-reduced gradients of each rank's own tokens."""
     result_file, port = tmp_path / "clip.json", free_port()
     probe = [str(REPO_ROOT / "tests" / "zero0_clip_probe.py"), str(result_file)]
-    launcher = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(port)] if world_size == 2 else [sys.executable]
+    launcher = [sys.executable] if world_size == 1 else [str(TORCHRUN), "--nproc_per_node", str(world_size),
+                                                         "--master_port", str(port)]
     run_command([*launcher, *probe], {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                       "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": str(port)},
                 port, check=True, timeout=300)

@@ -124,8 +124,9 @@ def test_zero0_fp16_scales_the_loss_and_reports_the_unscaled_grad_norm(probe):
 @pytest.mark.parametrize("config", ["zero0_bf16", "zero0_fp16"])
 def test_zero0_mixed_precision_reports_and_clips_with_the_float64_norm(probe, config):
     """DeepSpeed's ZeRO-0 bf16/fp16 wrapper would report and clip with a sum of per-tensor fp32 CPU norms, 8.2e-5
-    (bf16) and 7.9e-5 (fp16) low here, so its clip left the gradients at 1 + 8.2e-5 of the threshold. The logged norm
-    is the float64 norm of the reduced gradients, unscaled, and the fp32 masters are clipped to the threshold with it."""
+    (bf16) and 7.9e-5 (fp16) low here, so its clip left the gradients at 1 + 8.2e-5 of the threshold. The logged
+    norm is the float64 norm of the reduced gradients, unscaled, and the fp32 masters are clipped to the threshold
+    with it."""
     _, results = probe
     result = results[config]
     assert result["applied"] and result["optimizer"] == "FP16_UnfusedOptimizer"

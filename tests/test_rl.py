@@ -19,8 +19,8 @@ from data.mixture import load_data_config
 from data.prepare import load_prepared
 from data.prompts import PromptLoader
 from data.tokenizer import load_tokenizer
-from model import (ModelConfig, RewardModel, Transformer, generate, generation_flops, load_pretrained, load_reward_model,
-                   save_pretrained, save_reward_model)
+from model import (ModelConfig, RewardModel, Transformer, generate, generation_flops, load_pretrained,
+                   load_reward_model, save_pretrained, save_reward_model)
 from tests.launch import CONTRACT, REPO_ROOT, read_metrics, run_launch_script, run_stage
 from train.config import ConfigError, parse_config
 from train.grpo import GRPOConfig, GRPOStage, group_advantages

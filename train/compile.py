@@ -65,7 +65,8 @@ def _compiled_forward(block: Block):
             return eager(h, cos, sin, mask, kv_cache)
         if not mask.causal_only:
             # Lay out the documents all layers share here, eagerly: built on first use (varlen and documents are
-            # cached_properties, whose lock on Python 3.11 splits a graph) and partly on the host. The compiled attention reads them as op inputs.
+            # cached_properties, whose lock on Python 3.11 splits a graph) and partly on the host. The compiled
+            # attention reads them as op inputs.
             impl = resolve_impl(block.attn.attn_impl, h, h)
             _ = mask.varlen if impl == "flash" else mask.dense if impl == "math" else mask.documents
         return compiled(h, cos, sin, mask, kv_cache)
