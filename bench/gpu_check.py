@@ -88,7 +88,8 @@ def run(stage: str, preset: str, backend: str, args, out_dir: Path) -> dict:
 
     return {"loss": [r["train/loss"] for r in records], "tokens_per_second": mean("train/tokens_per_second"),
             "mfu_percent": mean("train/mfu_percent"),
-            "peak_memory_gb": max((r["system/peak_memory_gb"] for r in records), default=None),
+            "peak_memory_gb": max((r["system/peak_memory_gb"] for r in records
+                                   if r.get("system/peak_memory_gb") is not None), default=None),
             "peak_reserved_gb": max((r["system/peak_memory_reserved_gb"] for r in records
                                      if r.get("system/peak_memory_reserved_gb") is not None), default=None),
             "seconds": seconds}

@@ -45,7 +45,8 @@ def measure(preset: str, seq_len: int, rows: int, checkpointing: bool, chunk_tok
         return time.perf_counter() - start
 
     step()
-    reset_peak_memory()
+    if not reset_peak_memory():
+        raise SystemExit("bench/memory.py measures a step's peak by resetting VmHWM, which needs Linux")
     before = resident_gb()
     seconds = [step()]
     peak = peak_memory_gb()[0] - before

@@ -45,3 +45,4 @@ for name, (backend_name, ds_config) in BACKENDS.items():
         results[f"{name}_{'checkpointed' if checkpointed else 'plain'}"] = {"losses": losses, "grad_norms": norms}
 if distributed.is_main():
     (out / "results.json").write_text(json.dumps(results, indent=2))
+distributed.shutdown()

@@ -70,3 +70,4 @@ distributed.init_distributed()
 results = {name: train(compile, backend) for name, compile, backend in
            (("eager_zero2", False, "deepspeed"), ("compiled_zero2", True, "deepspeed"), ("compiled_fsdp", True, "fsdp"))}
 json.dump(results, open(sys.argv[1], "w"), indent=1)
+distributed.shutdown()

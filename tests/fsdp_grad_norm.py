@@ -25,3 +25,4 @@ update = engine.step()
 if distributed.is_main():
     json.dump({"engine": update.grad_norm.item(), "float64": float64.item(),
                "world_size": distributed.world_size()}, open(sys.argv[1], "w"))
+distributed.shutdown()

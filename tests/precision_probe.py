@@ -77,3 +77,4 @@ for name, (backend_name, ds_config, dtype) in CONFIGS.items():
     results[name] = result
 if distributed.is_main():
     (out / "results.json").write_text(json.dumps(results, indent=2))
+distributed.shutdown()

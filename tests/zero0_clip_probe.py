@@ -37,3 +37,4 @@ update = engine.step()
 if distributed.is_main():
     json.dump({"received": received, "logged": update.grad_norm.item(), "fp32": fp32, "clip": cfg.grad_clip},
               open(sys.argv[1], "w"))
+distributed.shutdown()

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Optional
 
+from train import distributed
 from train.config import ConfigError, parse_config
 from train.stage import Stage
 from train.trainer import Trainer
@@ -21,7 +22,9 @@ def main(stage: Stage, defaults: dict, argv: Optional[list[str]] = None) -> list
     try:
         cfg = parse_config({"stage": stage.name, **defaults}, argv, cls=stage.config_class,
                            description=f"zerostage {stage.name} stage")
-        return Trainer(stage, cfg).train()
+        records = Trainer(stage, cfg).train()
+        distributed.shutdown()
+        return records
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":  # the same on every rank, maybe before the process group exists
             print(f"ERROR: {error}", file=sys.stderr, flush=True)

@@ -65,6 +65,15 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown() -> None:
+    """Destroy the process groups before interpreter exit does, in whatever order: a CPU rank of several gloo groups
+    (ZeRO-3, FSDP's mesh) once aborted at exit (std::terminate) after its work was done, and its launcher then
+    killed the ranks still finishing. The run's last collective: every rank calls it."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def _unlink_shm_allreduce_buffer() -> None:
     """Remove the name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -36,29 +35,45 @@ class BatchStats:
     recomputed_flops: float = 0.0  # forward FLOPs run again in the backward (activation checkpointing, chunked loss)
 
 
-def peak_memory_gb() -> tuple[float, Optional[float]]:
+def peak_memory_gb() -> tuple[Optional[float], Optional[float]]:
     """(allocated, reserved) peak since the last reset_peak_memory(), in GB. CUDA: the caching allocator's tensors
     and what it holds from the driver, the one that runs out. CPU: the process's peak resident set (VmHWM), and no
-    reserve apart from it."""
+    reserve apart from it; None where /proc/self/status cannot be read (not Linux: getrusage's lifetime peak cannot
+    be reset, so it is no window's peak)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
     try:
         status = Path("/proc/self/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 / 1e9, None
-    except (OSError, AttributeError):  # not Linux: the lifetime peak, which cannot be reset
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None
+    except (OSError, AttributeError) as error:
+        _peak_memory_unknown(f"/proc/self/status gave no VmHWM ({error})")
+        return None, None
 
 
-def reset_peak_memory() -> None:
+def reset_peak_memory() -> bool:
     """Start a new peak: each window reports its own steps' memory, not evaluation's, generation's or an export's
-    before it (on CPU, Linux's clear_refs resets VmHWM)."""
+    before it (on CPU, Linux's clear_refs resets VmHWM). False where the reset failed: the next read is then a peak
+    of an earlier, longer span, not the window's."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        return
+        return True
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+        return True
+    except OSError as error:
+        _peak_memory_unknown(f"/proc/self/clear_refs could not be written ({error})")
+        return False
+
+
+def _peak_memory_unknown(reason: str) -> None:
+    """Name, once per process and reason, why system/peak_memory_gb is logged as null."""
+    if reason not in _peak_memory_warnings:
+        _peak_memory_warnings.add(reason)
+        print(f"WARNING: peak memory unknown: {reason}; system/peak_memory_gb logged as null", file=sys.stderr,
+              flush=True)
+
+
+_peak_memory_warnings: set[str] = set()
 
 
 def device_clock():
@@ -154,6 +169,7 @@ class MetricsTracker:
         self.last_grad_norm: Optional[torch.Tensor] = None
         self.last_step_skipped = False
         self._warned: set[str] = set()
+        self.peak_memory_reset = reset_peak_memory()  # whether the window's peak is its own (reset at its start)
         # Cumulative over the run, across resumes (state_dict): the training time of the current epoch (evaluation
         # and checkpointing left out), and every rate window's tokens, FLOPs and seconds (summary.json's means).
         self.epoch_seconds = 0.0
@@ -204,7 +220,7 @@ class MetricsTracker:
         if self.rate_window_start is not None:
             self._start_rate_window()
         self.epoch_clock = time.perf_counter()
-        reset_peak_memory()
+        self.peak_memory_reset = reset_peak_memory()
 
     def start_epoch(self, resumed: bool = False) -> None:
         """A new epoch's clock (`resumed`: the epoch a checkpoint stopped in goes on from its saved time)."""
@@ -312,7 +328,8 @@ class MetricsTracker:
         now = time.perf_counter()
         w = self.window
         extra_names = sorted(w.extra_sums)
-        peak_allocated, peak_reserved = peak_memory_gb()
+        # Without the reset the peak is an earlier, longer span's: unknown (reset_peak_memory warned), not wrong.
+        peak_allocated, peak_reserved = peak_memory_gb() if self.peak_memory_reset else (None, None)
         local = {
             "loss_sum": (w.loss_sum if w.loss_sum is not None else 0.0, "sum"),
             "loss_weight": (w.loss_weight, "sum"),
@@ -323,7 +340,7 @@ class MetricsTracker:
             "rate_tokens": (w.rate_tokens, "sum"), "rate_samples": (w.rate_samples, "sum"),
             "rate_flops": (w.rate_flops, "sum"), "rate_hardware_flops": (w.rate_hardware_flops, "sum"),
             "grad_norm": (self.last_grad_norm if self.last_grad_norm is not None else float("nan"), "rank0"),
-            "peak_memory_gb": (peak_allocated, "max"),
+            "peak_memory_gb": (peak_allocated if peak_allocated is not None else float("nan"), "max"),
             "peak_reserved_gb": (peak_reserved if peak_reserved is not None else float("nan"), "max"),
             # The rank that waited longest holds the others up at the next collective.
             "data_wait": (w.rate_data_wait, "max"),
@@ -366,7 +383,8 @@ class MetricsTracker:
             "train/num_supervised_tokens_seen": self.supervised_tokens_seen,
             "train/skipped_steps": self.skipped_steps,
             "train/nonfinite_steps": self.nonfinite_steps,
-            "system/peak_memory_gb": reduced["peak_memory_gb"],
+            "system/peak_memory_gb": (reduced["peak_memory_gb"] if math.isfinite(reduced["peak_memory_gb"])
+                                      else None),
         }
         if peak_reserved is not None:
             record["system/peak_memory_reserved_gb"] = reduced["peak_reserved_gb"]
@@ -436,7 +454,7 @@ class MetricsTracker:
         self.phases, self.last_values = [], {}
 
         self.window = _Window()
-        reset_peak_memory()
+        self.peak_memory_reset = reset_peak_memory()
         if self.rate_window_start is not None:
             self.rate_window_start = time.perf_counter()
             self.window_compile_start = self._compile_clock()
