@@ -67,8 +67,8 @@ def init_distributed() -> None:
 
 def shutdown() -> None:
     """Destroy the process groups before interpreter exit does, in whatever order: a CPU rank of several gloo groups
-    (ZeRO-3, FSDP's mesh) once aborted at exit (std::terminate) after its work was done, and its launcher then
-    killed the ranks still finishing. The run's last collective: every rank calls it."""
+    (ZeRO-3, FSDP's mesh) once aborted (std::terminate) at about the time it exits, and its launcher then killed
+    the rank still writing its results. The run's last collective: every rank calls it."""
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
