@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 SLOW_FILES_FIRST = ["test_slurm.py", "test_resume_and_chain.py", "test_elastic_resume.py", "test_preemption.py",
                     "test_rl.py", "test_distributed_metrics.py", "test_preference_runs.py", "test_fsdp.py",
                     "test_reliability.py", "test_run_dir.py", "test_compile.py", "test_packed_pairs.py",
-                    "test_metric_edges.py", "test_gpu_check.py"]
+                    "test_metric_edges.py", "test_precision.py", "test_gpu_check.py"]
 
 
 def pytest_collection_modifyitems(items):
