@@ -337,8 +337,8 @@ def test_peak_memory_is_null_in_a_window_whose_peak_could_not_be_reset(monkeypat
     assert metrics.collect(global_step=1, learning_rate=1e-3)["system/peak_memory_gb"] is None
     assert "/proc/self/clear_refs could not be written" in capsys.readouterr().err
     add_step(metrics, 1.0, 10)
-    resident_gb = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) / 1e6
-    assert metrics.collect(global_step=2, learning_rate=1e-3)["system/peak_memory_gb"] >= resident_gb
+    resident_kb = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1])
+    assert metrics.collect(global_step=2, learning_rate=1e-3)["system/peak_memory_gb"] >= resident_kb * 1024 / 1e9
 
 
 def test_peak_memory_on_cuda_reads_allocated_and_reserved_and_resets(monkeypatch):
